@@ -1,0 +1,3 @@
+from cirlab.cli import main
+
+raise SystemExit(main())

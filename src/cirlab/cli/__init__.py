@@ -1,0 +1,30 @@
+"""The ``cirlab`` command: a thin dispatcher over the library.
+
+Each module in :data:`COMMANDS` adds its sub-commands with ``register(subparsers)``;
+the handler it sets as ``func`` receives the parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ["cirlab.cli.data", "cirlab.cli.score", "cirlab.cli.demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cirlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"cirlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
