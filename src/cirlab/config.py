@@ -153,8 +153,19 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _parse_scalar(value)
     return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    """YAML scalar, except that ``1e-3`` is a float (YAML 1.1 would keep it a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def validate(model: type[BaseModel], data: dict, source: str) -> Any:
