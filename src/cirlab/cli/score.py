@@ -1,0 +1,36 @@
+"""``cirlab score``: score a predictions file on a split with annotations (e.g. val)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DATASETS = ["shapes", "cirr", "fashioniq", "circo"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score a predictions / submission file against a split's annotations")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True, type=Path, help="the dataset root, as for `cirlab data check`")
+    p.add_argument("--split", default="val")
+    p.add_argument("--predictions", required=True, type=Path,
+                   help="CIRR recall_submission_*.json, CIRCO or FashionIQ predictions")
+    p.add_argument("--subset-predictions", type=Path,
+                   help="CIRR recall_subset_submission_*.json (adds Rs@1/2/3 and Avg)")
+    p.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ only; all three when omitted")
+    p.add_argument("--json", action="store_true", help="print one JSON object {metric: percent}")
+    p.set_defaults(func=score)
+
+
+def score(args: argparse.Namespace) -> int:
+    from cirlab.data.registry import load_splits
+    from cirlab.evaluation.score import format_scores, score_predictions
+    from cirlab.utils.io import dump_json
+
+    if args.category and args.dataset != "fashioniq":
+        raise ValueError("--category is for FashionIQ only")
+    categories = [args.category] if args.category else None
+    splits = load_splits(args.dataset, args.root, args.split, categories=categories)
+    metrics = score_predictions(splits, args.predictions, args.subset_predictions)
+    print(dump_json(metrics) if args.json else format_scores(splits, metrics))
+    return 0
