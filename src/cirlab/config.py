@@ -81,9 +81,10 @@ class TrainerConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """Which split to score; the metrics themselves are fixed per benchmark protocol."""
+
     split: str = "val"
     batch_size: int = 64
-    ks: list[int] = [1, 5, 10, 50]
 
 
 class ExperimentConfig(Strict):

@@ -1,0 +1,69 @@
+"""A picture of triplets: one row per (reference image, modification text, target image)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from ..utils.io import atomic_path
+
+PAD = 8
+BACKGROUND = (255, 255, 255)
+INK = (20, 20, 20)
+FRAME = (190, 190, 190)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable default font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: float) -> list[str]:
+    """Greedy word wrap to ``width`` pixels (a single over-long word keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def _thumbnail(path: Path, thumb: int) -> Image.Image:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"triplet image not found: {path}")
+    with Image.open(path) as im:
+        return im.convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS)
+
+
+def draw_triplets(rows: list[tuple[Path, str, Path]], out_png: Path, *, thumb: int = 128) -> None:
+    """Write a PNG grid with one row per triplet: reference, wrapped text, target."""
+    if not rows:
+        raise ValueError("draw_triplets: no triplets to draw")
+    font = _font(max(10, thumb // 8))
+    header_font = _font(max(10, thumb // 9))
+    text_width = 2 * thumb
+    line_height = int(font.size * 1.3) if hasattr(font, "size") else 14
+    header = line_height + PAD
+    width = 2 * thumb + text_width + 4 * PAD
+    height = header + len(rows) * (thumb + PAD) + PAD
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    columns = (PAD, 2 * PAD + thumb, 3 * PAD + thumb + text_width)
+    titles = ("reference", "modification", "target")
+    for x, title, w in zip(columns, titles, (thumb, text_width, thumb)):
+        draw.text((x + w / 2, PAD / 2), title, fill=INK, font=header_font, anchor="ma")
+    for i, (reference, text, target) in enumerate(rows):
+        y = header + i * (thumb + PAD)
+        for x, path in ((columns[0], reference), (columns[2], target)):
+            sheet.paste(_thumbnail(path, thumb), (x, y))
+            draw.rectangle((x - 1, y - 1, x + thumb, y + thumb), outline=FRAME)
+        lines = _wrap(text, draw, font, text_width - PAD)
+        top = y + (thumb - len(lines) * line_height) / 2
+        for k, line in enumerate(lines):
+            draw.text((columns[1] + PAD / 2, top + k * line_height), line, fill=INK, font=font)
+    with atomic_path(out_png) as tmp:
+        sheet.save(tmp, format="PNG")
