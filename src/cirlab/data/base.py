@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cirlab.utils.io import read_json
+
 
 @dataclass(frozen=True)
 class Query:
@@ -60,3 +62,48 @@ class CIRSplit:
     @property
     def has_targets(self) -> bool:
         return any(q.target is not None for q in self.queries)
+
+
+# --- annotation-reading helpers shared by the loaders ----------------------------------------
+
+
+def read_records(path: Path, what: str) -> list[dict[str, Any]]:
+    """A JSON file holding a list of objects (the annotation format of every benchmark)."""
+    data = read_json(path, what)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {i} is a {type(record).__name__}, expected an object")
+    return data
+
+
+def field(record: dict[str, Any], key: str, path: Path, index: int, kind: type | tuple[type, ...] = object) -> Any:
+    """``record[key]``, or a ValueError naming the file, the record and the field."""
+    if key not in record:
+        raise ValueError(f"{path}: record {index} lacks {key!r}")
+    value = record[key]
+    if not isinstance(value, kind):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{path}: record {index} has {key}={value!r:.80}, expected {expected}")
+    return value
+
+
+def check_split_name(split: str, allowed: tuple[str, ...], dataset: str) -> None:
+    if split not in allowed:
+        raise ValueError(f"unknown {dataset} split {split!r}; expected one of {list(allowed)}")
+
+
+class PathTable:
+    """``image id -> [base / relative path]``, picklable so a split can travel to DataLoader workers.
+
+    Ids the table does not know map to no file (reported missing by ``data check``).
+    """
+
+    def __init__(self, base: Path, relpaths: dict[str, str]) -> None:
+        self.base = base
+        self.relpaths = relpaths
+
+    def __call__(self, image_id: str) -> list[Path]:
+        rel = self.relpaths.get(image_id)
+        return [] if rel is None else [self.base / rel]

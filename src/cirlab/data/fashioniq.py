@@ -1,0 +1,130 @@
+"""FashionIQ: loader and the caption conventions of the official repositories.
+
+Layout (``root`` = ``fashionIQ_dataset/``)::
+
+    captions/cap.<category>.<split>.json       [{"candidate", "target", "captions": [c1, c2]}]
+    image_splits/split.<category>.<split>.json [asin, ...]  (the category's gallery)
+    images/<asin>.png | <asin>.jpg             both circulate (SPN4CIR converted to .png)
+
+Each category is its own split and is evaluated separately; the reference is *not* removed
+from the ranking (REFERENCE 0.4). Many images are missing from every public mirror, which
+the query/gallery datasets tolerate (``images.MissingImages``).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+from cirlab.data.base import CIRSplit, Query, check_split_name, field, read_records
+from cirlab.utils.io import read_json
+
+CATEGORIES = ("dress", "shirt", "toptee")
+SPLITS = ("train", "val", "test")
+_STRIP = ".?, "  # the characters the official code strips from both ends of each caption
+
+
+class _ImageFiles:
+    """``asin -> [images/<asin>.png, images/<asin>.jpg]``: .png first, as SPN4CIR's copy."""
+
+    def __init__(self, images_dir: Path) -> None:
+        self.images_dir = images_dir
+
+    def __call__(self, image_id: str) -> list[Path]:
+        return [self.images_dir / f"{image_id}.png", self.images_dir / f"{image_id}.jpg"]
+
+
+def load_fashioniq(root: str | Path, split: str, category: str) -> CIRSplit:
+    """One category of one split. ``qid`` is ``<category>-<index in the caption file>``."""
+    root = Path(root)
+    check_split_name(split, SPLITS, "FashionIQ")
+    if category not in CATEGORIES:
+        raise ValueError(f"unknown FashionIQ category {category!r}; expected one of {list(CATEGORIES)}")
+    cap_path = root / "captions" / f"cap.{category}.{split}.json"
+    records = read_records(cap_path, "FashionIQ caption file")
+    queries = []
+    for i, r in enumerate(records):
+        captions = field(r, "captions", cap_path, i, list)
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{cap_path}: record {i} has captions={captions!r:.80}, expected a list of strings")
+        # Test captions may come without targets; everywhere else a target is required.
+        target = r.get("target") if split == "test" else field(r, "target", cap_path, i, str)
+        queries.append(
+            Query(
+                qid=f"{category}-{i}",
+                reference=field(r, "candidate", cap_path, i, str),
+                captions=tuple(captions),
+                target=target,
+                positives=(target,) if target is not None else (),
+                extra={"category": category},
+            )
+        )
+    split_path = root / "image_splits" / f"split.{category}.{split}.json"
+    gallery = _read_id_list(split_path)
+    return CIRSplit(
+        dataset="fashioniq",
+        split=split,
+        queries=queries,
+        gallery=gallery,
+        image_paths=_ImageFiles(root / "images"),
+        exclude_reference=False,
+        name=f"fashioniq/{category}/{split}",
+    )
+
+
+def _read_id_list(path: Path) -> list[str]:
+    ids = read_json(path, "FashionIQ image split file")
+    if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+        raise ValueError(f"{path}: expected a JSON list of image ids (strings)")
+    return ids
+
+
+# --- captions ---------------------------------------------------------------------------------
+
+
+def _two(captions: Sequence[str], chars: str | None = _STRIP) -> tuple[str, str]:
+    if len(captions) != 2:
+        raise ValueError(f"FashionIQ queries have two captions, got {len(captions)}: {list(captions)!r:.120}")
+    return captions[0].strip(chars), captions[1].strip(chars)
+
+
+def fiq_train_caption(captions: Sequence[str], rng: random.Random | None = None, capitalize: bool = True) -> str:
+    """The training text of CLIP4Cir's ``generate_randomized_fiq_caption`` (REFERENCE 0.3).
+
+    One of four forms, 0.25 each: (a) "C1 and c2", (b) "C2 and c1", (c) "C1", (d) "C2" (the
+    first letter capitalised, as the official code does in every form; ``capitalize=False`` is
+    SPN4CIR's variant). The official tests are ``r < .25``, ``.25 < r < .5``, ``.5 < r < .75``, else
+    (d), so r == 0.25 or 0.5 falls through to (d); reproduced on purpose. ``rng`` defaults to
+    Python's global ``random``, which DataLoader workers seed per worker.
+    """
+    c1, c2 = _two(captions)
+    cap1, cap2 = (c1.capitalize(), c2.capitalize()) if capitalize else (c1, c2)
+    r = (rng or random).random()
+    if r < 0.25:
+        return f"{cap1} and {c2}"
+    if 0.25 < r < 0.5:
+        return f"{cap2} and {c1}"
+    if 0.5 < r < 0.75:
+        return cap1
+    return cap2
+
+
+def fiq_val_caption(captions: Sequence[str], capitalize: bool = True) -> str:
+    """The supervised repos' one deterministic validation order, "C1 and c2" (REFERENCE 0.4).
+
+    The supervised repos strip only whitespace here (not '.?, ' as in training);
+    ``capitalize=False`` is SPN4CIR's CLIP4CIR validation.
+    """
+    c1, c2 = _two(captions, chars=None)
+    return f"{c1.capitalize() if capitalize else c1} and {c2}"
+
+
+def fiq_zeroshot_captions(captions: Sequence[str]) -> tuple[str, str]:
+    """Both orders, "c1 and c2" and "c2 and c1", as SEARLE / LinCIR / RTD (REFERENCE 0.4).
+
+    Each caption is stripped of '.?, ' as SEARLE does; wrapping in a prompt such as
+    "a photo of $ that ..." and averaging the two features belong to the method.
+    """
+    c1, c2 = _two(captions)
+    return f"{c1} and {c2}", f"{c2} and {c1}"

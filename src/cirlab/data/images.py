@@ -1,0 +1,74 @@
+"""Image files: decoding, and tolerance of the files every public FashionIQ mirror lacks.
+
+Missing images are a fact of FashionIQ (REFERENCE 0.7): the CLIP4Cir loaders return None for
+them and the collate function drops the None. cirlab does the same, and counts what it
+skipped in a :class:`MissingImages` tracker that warns once instead of once per file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+from torch.utils.data import default_collate
+
+log = logging.getLogger("cirlab.data")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully into an RGB image (raises OSError when absent or unreadable)."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class MissingImages:
+    """Ids of images that were absent or unreadable; :meth:`report` warns once per new batch of them.
+
+    ``pending`` holds ids added since the last :meth:`drain`, so that a DataLoader worker can
+    ship what it found back to the main process (see ``torch_data.make_loader``).
+    """
+
+    def __init__(self, what: str = "images", examples: int = 5) -> None:
+        self.what = what
+        self.examples = examples
+        self.ids: set[str] = set()
+        self.pending: list[str] = []
+        self._reported = 0
+
+    def add(self, image_id: str) -> None:
+        if image_id not in self.ids:
+            self.ids.add(image_id)
+            self.pending.append(image_id)
+
+    def update(self, image_ids: Iterable[str]) -> None:
+        for image_id in image_ids:
+            self.add(image_id)
+
+    def drain(self) -> list[str]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def message(self) -> str:
+        shown = ", ".join(sorted(self.ids)[: self.examples])
+        more = ", ..." if len(self.ids) > self.examples else ""
+        return f"{len(self.ids)} {self.what} missing or unreadable, skipped (e.g. {shown}{more})"
+
+    def report(self) -> str | None:
+        """Log one warning line if images went missing since the last report; return it."""
+        if len(self.ids) == self._reported:
+            return None
+        self._reported = len(self.ids)
+        message = self.message()
+        log.warning(message)
+        return message
+
+
+def collate_skip_none(batch: list[Any]) -> Any:
+    """``default_collate`` over the items that are not None; None when nothing is left."""
+    items = [item for item in batch if item is not None]
+    return default_collate(items) if items else None

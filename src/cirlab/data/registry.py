@@ -1,0 +1,45 @@
+"""Dataset names -> loaders.
+
+Every loader turns a benchmark's own file layout (REFERENCE 0.7) into :class:`CIRSplit`
+records; errors name the file, the record and the field, because a half-downloaded
+or hand-edited annotation file is the usual way these loaders fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cirlab.data import circo, cirr, fashioniq
+from cirlab.data.base import CIRSplit
+
+DATASETS = ("fashioniq", "cirr", "circo", "shapes")
+
+
+def load_split(dataset: str, root: str | Path, split: str, *, category: str | None = None) -> CIRSplit:
+    """One split of ``dataset`` under ``root``; FashionIQ also needs its ``category``."""
+    root = Path(root)
+    if dataset == "fashioniq":
+        if category is None:
+            raise ValueError(f"FashionIQ needs a category, one of {list(fashioniq.CATEGORIES)}")
+        return fashioniq.load_fashioniq(root, split, category)
+    if category is not None:
+        raise ValueError(f"category={category!r} only applies to FashionIQ, not {dataset!r}")
+    if dataset == "cirr":
+        return cirr.load_cirr(root, split)
+    if dataset == "shapes":
+        return cirr.load_shapes(root, split)
+    if dataset == "circo":
+        return circo.load_circo(root, split)
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
+
+
+def load_splits(
+    dataset: str, root: str | Path, split: str, categories: list[str] | None = None
+) -> list[CIRSplit]:
+    """FashionIQ: one split per category (all three when None), evaluated separately
+    (REFERENCE 0.4); every other dataset: a one-element list."""
+    if dataset != "fashioniq":
+        if categories:
+            raise ValueError(f"categories only apply to FashionIQ, not {dataset!r}")
+        return [load_split(dataset, root, split)]
+    return [load_split(dataset, root, split, category=c) for c in (categories or fashioniq.CATEGORIES)]
