@@ -24,14 +24,14 @@ def demo(args: argparse.Namespace) -> int:
     data = args.out / "shapes"
     start = time.perf_counter()
     if (data / "meta.json").is_file():
+        from cirlab.data.shapes import format_stats, read_stats
+
         print(f"[demo] shapes benchmark already at {data}; reusing it")
+        print(format_stats(read_stats(data)))
     else:
         print(f"[demo] generating the shapes benchmark into {data}")
         if cirlab(["data", "synth", "--out", str(data), "--seed", str(args.seed)]):
             return 1
-    from cirlab.data.shapes import format_stats, read_stats
-
-    print(format_stats(read_stats(data)))
     picture = args.out / "triplets.png"
     if cirlab(["data", "show", "--root", str(data), "--split", "train", "--out", str(picture), "--n", "8"]):
         return 1

@@ -198,7 +198,8 @@ def read_stats(out: Path) -> dict:
     """The statistics of an already generated benchmark, from its ``meta.json``."""
     meta = read_json(Path(out) / "meta.json", "shapes meta file")
     return {"seed": meta["seed"], "image_size": meta["image_size"],
-            "holdout_pairs": meta["holdout_pairs"], "splits": meta["stats"]}
+            "holdout_pairs": meta["holdout_pairs"],
+            "splits": {split: meta["stats"][split] for split in SPLITS if split in meta["stats"]}}
 
 
 def format_stats(stats: dict) -> str:
