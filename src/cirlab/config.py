@@ -87,14 +87,27 @@ class EvalConfig(Strict):
     batch_size: int = 64
 
 
+class ModelConfig(Strict):
+    """The backbone: a local HF folder (real or cirlab-made checkpoint), or a new small one.
+
+    ``small`` holds the sizes of a randomly initialised small backbone (pretraining only);
+    ``init_text: minilm`` then copies the bundled MiniLM into the BLIP text encoder.
+    """
+
+    kind: Literal["blip", "clip"] = "blip"
+    backbone: str | None = None
+    small: dict[str, Any] | None = None
+    init_text: Literal["random", "minilm"] = "random"
+
+
 class ExperimentConfig(Strict):
     name: str = "experiment"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
-    # Backbone and method sections are validated by their own modules' models.
-    model: dict[str, Any] = Field(default_factory=dict)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    # The method section is validated by the method's own model (cirlab.methods).
     method: dict[str, Any] = Field(default_factory=dict)
 
 

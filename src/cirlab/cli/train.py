@@ -1,0 +1,51 @@
+"""``cirlab pretrain|train``: run a method's training on the engine from a config file."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from pathlib import Path
+
+from cirlab.config import load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, help_text in (("pretrain", "pretrain a small backbone on shapes scene captions"),
+                            ("train", "train a method")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", required=True, type=Path)
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set trainer.epochs=3")
+        p.add_argument("--run-dir", type=Path, help="run directory (default: <trainer.output_dir>/<name>-<time>)")
+        p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from latest.pt")
+        p.set_defaults(func=train)
+
+
+def train(args: argparse.Namespace) -> int:
+    from cirlab.data.images import collate_skip_none
+    from cirlab.methods import METHODS
+    from cirlab.training.engine import Trainer
+    from cirlab.training.run import RunDir
+
+    if args.resume:
+        if args.run_dir is None:
+            raise ValueError("--resume needs --run-dir (the run to continue)")
+        run = RunDir.open(args.run_dir)
+        cfg = run.load_config()
+    else:
+        cfg = load_config(args.config, args.overrides)
+        run = RunDir.create(cfg, args.run_dir)
+    name = cfg.method.get("name", "pretrain" if args.command == "pretrain" else None)
+    if name not in METHODS:
+        raise ValueError(f"{args.config}: method.name must be one of {sorted(METHODS)}, got {name!r}")
+    method = importlib.import_module(METHODS[name])
+    model, train_data, evaluate = method.build(cfg)
+    trainer = Trainer(model, train_data, cfg, run, collate_fn=collate_skip_none, evaluate=evaluate, resume=args.resume,
+                      param_groups=getattr(model, "param_groups", lambda: None)())
+    metrics = trainer.fit()
+    if hasattr(method, "export"):
+        print(f"exported {method.export(model, run)}")
+    print(json.dumps(metrics, indent=1))
+    print(f"run directory: {run.path}")
+    return 0

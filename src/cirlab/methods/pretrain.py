@@ -1,0 +1,185 @@
+"""Image-caption pretraining of the small backbones on shapes scene captions.
+
+BLIP: image-text contrastive loss (ITC, learnable temperature from 0.07) plus image-text
+matching (ITM) on hard negatives drawn from the ITC similarities, as BLIP pretrains; CLIP: ITC
+only. Scenes that look identical share a caption, so ITC uses soft targets spread over every
+in-batch item with the same caption, and ITM never draws one of them as a negative.
+The result is saved with ``save_pretrained`` + tokenizer files, like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.utils.data import Dataset
+
+from cirlab.config import ExperimentConfig, ModelConfig, Strict, validate
+from cirlab.data.base import CIRSplit
+from cirlab.data.registry import load_split
+from cirlab.data.torch_data import GalleryDataset, make_loader
+from cirlab.data.transforms import build_transform
+from cirlab.models import (Backbone, BlipBackbone, build_small_blip, build_small_clip, init_text_from_minilm,
+                           load_backbone, save_backbone)
+from cirlab.utils.io import read_json
+
+
+class PretrainConfig(Strict):
+    name: str = "pretrain"
+    itm: bool = True
+    temperature: float = 0.07
+    max_text_length: int = 64
+    eval_images: int | None = Field(None, description="evaluate on the first N test images (all when None)")
+
+
+def backbone_from_config(cfg: ModelConfig) -> Backbone:
+    """A backbone from a local folder, or a new small one (with MiniLM text init if asked)."""
+    if cfg.backbone:
+        return load_backbone(cfg.backbone, kind=cfg.kind)
+    sizes = dict(cfg.small or {})
+    if "stage_channels" in sizes:
+        sizes["stage_channels"] = tuple(sizes["stage_channels"])
+    backbone = build_small_blip(**sizes) if cfg.kind == "blip" else build_small_clip(**sizes)
+    if cfg.init_text == "minilm":
+        if not isinstance(backbone, BlipBackbone):
+            raise ValueError("model.init_text: minilm applies to BLIP only (CLIP's text tower is causal)")
+        init_text_from_minilm(backbone)
+    return backbone
+
+
+def scene_captions(root: str | Path, split: str) -> dict[str, str]:
+    """``image id -> full scene caption`` of a shapes split (every object, in grid order)."""
+    path = Path(root) / "scenes" / f"scenes.shapes.{split}.json"
+    return {image_id: scene["caption"] for image_id, scene in read_json(path, "shapes scene file").items()}
+
+
+class CaptionedImages(Dataset):
+    """Every image of a split with its scene caption: ``{id, index, image, caption}``."""
+
+    def __init__(self, split: CIRSplit, captions: dict[str, str], transform, ids: list[str] | None = None):
+        self.images = GalleryDataset(split, transform, ids=ids)
+        self.captions = captions
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.images[index]
+        if item is not None:
+            item["caption"] = self.captions[item["id"]]
+        return item
+
+
+def _same_caption(captions: list[str], device: torch.device) -> torch.Tensor:
+    codes = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    ids = torch.tensor([codes[c] for c in captions], device=device)
+    return ids[:, None] == ids[None, :]
+
+
+class Pretrainer(nn.Module):
+    """ITC (+ ITM for BLIP) over a backbone; ``training_step`` is what the engine calls."""
+
+    def __init__(self, backbone: Backbone, cfg: PretrainConfig):
+        super().__init__()
+        self.backbone, self.cfg = backbone, cfg
+        self.itm = cfg.itm and isinstance(backbone, BlipBackbone)
+        self.log_temp = nn.Parameter(torch.tensor(cfg.temperature).log())
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        bb = self.backbone
+        text = bb.tokenize(batch["caption"], max_length=self.cfg.max_text_length)
+        image = bb.encode_image(batch["image"])
+        img = F.normalize(image.embeds, dim=-1)
+        txt = F.normalize(bb.encode_text(text.input_ids, text.attention_mask), dim=-1)
+        temp = self.log_temp.exp().clamp(1e-3, 0.5)
+        sim_i2t = img @ txt.T / temp
+        same = _same_caption(batch["caption"], img.device)
+        targets = same.float() / same.sum(1, keepdim=True)
+        itc = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_i2t.T, targets)) / 2
+        out = {"loss": itc, "itc": itc.detach(), "temp": temp.detach()}
+        if self.itm:
+            itm = self._itm_loss(text, image.tokens, sim_i2t.detach(), same)
+            out.update(loss=itc + itm, itm=itm.detach())
+        return out
+
+    def _itm_loss(self, text, image_tokens: torch.Tensor, sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        """BLIP's ITM: each image with a hard negative caption, each caption with a hard negative
+        image, both drawn in proportion to the softmaxed ITC similarity (positives excluded)."""
+        b = sim.shape[0]
+        weights = sim.softmax(1).masked_fill(same, 0) + 1e-6 * (~same)
+        neg_text = torch.multinomial(weights, 1).squeeze(1)  # per image
+        neg_image = torch.multinomial(weights.T, 1).squeeze(1)  # per caption
+        ids = torch.cat([text.input_ids, text.input_ids[neg_text], text.input_ids])
+        mask = torch.cat([text.attention_mask, text.attention_mask[neg_text], text.attention_mask])
+        tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
+        logits = self.backbone.itm_logits(ids, mask, tokens)
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def caption_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, str], transform, *,
+                      ids: list[str] | None = None, batch_size: int = 256, max_text_length: int = 64,
+                      num_workers: int = 0) -> dict[str, float]:
+    """Image->caption and caption->image R@1/R@5 over a split's images (percent).
+
+    A hit is any item with the same caption (identical scenes are indistinguishable). Captions
+    are deduplicated: the caption gallery holds each distinct caption once, and each distinct
+    caption is one caption->image query.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    loader = make_loader(CaptionedImages(split, captions, transform, ids=ids), batch_size, num_workers=num_workers)
+    image_ids, image_feats = [], []
+    for batch in loader:
+        image_ids += batch["id"]
+        image_feats.append(F.normalize(backbone.encode_image(batch["image"].to(backbone.device)).embeds, dim=-1))
+    img = torch.cat(image_feats)
+    texts = list(dict.fromkeys(captions[i] for i in image_ids))
+    txt = torch.cat([F.normalize(backbone.encode_text(**_tok(backbone, texts[s:s + batch_size], max_text_length)), dim=-1)
+                     for s in range(0, len(texts), batch_size)])
+    code = {t: k for k, t in enumerate(texts)}
+    label = torch.tensor([code[captions[i]] for i in image_ids], device=img.device)
+    sim = img @ txt.T  # images x distinct captions
+    out: dict[str, float] = {}
+    for k in (1, 5):
+        top_t = sim.topk(min(k, sim.shape[1]), dim=1).indices
+        out[f"i2t_R@{k}"] = 100 * (top_t == label[:, None]).any(1).float().mean().item()
+        top_i = sim.T.topk(min(k, sim.shape[0]), dim=1).indices
+        out[f"t2i_R@{k}"] = 100 * (label[top_i] == torch.arange(len(texts), device=img.device)[:, None]).any(1).float().mean().item()
+    backbone.train(was_training)
+    return out
+
+
+def _tok(backbone: Backbone, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    enc = backbone.tokenize(texts, max_length=max_length)
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+
+
+def export(model: Pretrainer, run) -> Path:
+    """Save the trained backbone in HF format (weights, config, tokenizer) into the run."""
+    return save_backbone(model.backbone, run.path / "backbone")
+
+
+def build(cfg: ExperimentConfig):
+    """Model, training data and evaluation callback of a pretraining run."""
+    mcfg = validate(PretrainConfig, cfg.method, "method")
+    if cfg.data.dataset != "shapes":
+        raise ValueError(f"pretrain: data.dataset must be shapes (scene captions), got {cfg.data.dataset!r}")
+    backbone = backbone_from_config(cfg.model)
+    transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
+    train = load_split("shapes", cfg.data.root, cfg.data.train_split)
+    train_data = CaptionedImages(train, scene_captions(cfg.data.root, cfg.data.train_split), transform)
+    test = load_split("shapes", cfg.data.root, cfg.evaluation.split)
+    test_captions = scene_captions(cfg.data.root, cfg.evaluation.split)
+    eval_ids = test.gallery[: mcfg.eval_images] if mcfg.eval_images else None
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return caption_retrieval(model.backbone, test, test_captions, transform, ids=eval_ids,
+                                 batch_size=cfg.evaluation.batch_size, max_text_length=mcfg.max_text_length)
+
+    return Pretrainer(backbone, mcfg), train_data, evaluate
