@@ -64,18 +64,18 @@ class ScheduleConfig(Strict):
 
 
 class TrainerConfig(Strict):
-    epochs: int = 1
+    epochs: int = Field(1, ge=1)
     max_steps: int | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     grad_clip: float | None = None
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint_every_steps: int | None = None
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = Field(1, ge=1)
     select_metric: str | None = None
-    log_every_steps: int = 10
+    log_every_steps: int = Field(10, ge=1)
     num_workers: int = 0
     output_dir: str = "runs"
 

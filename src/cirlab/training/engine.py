@@ -1,0 +1,396 @@
+"""The training engine: one small loop that every method (a module with ``training_step``) runs on.
+
+A method is an ``nn.Module`` with
+
+* ``training_step(batch) -> Tensor | dict[str, Tensor]``: the loss, or a dict holding
+  ``"loss"`` and other scalars to log. The engine always reaches it through a thin module
+  whose ``forward`` is ``training_step``; under DDP that module is what gets wrapped, so
+  DDP's forward (which prepares the gradient all-reduce) runs around every call and the
+  method keeps its own ``forward`` for inference.
+* optionally ``on_epoch_start(epoch)``: must depend on the epoch only, since it is called
+  again when a run resumes in the middle of that epoch.
+
+Exact resumption: the data order is a function of (seed, epoch) (:class:`EpochBatchSampler`),
+the learning rate a function of (epoch, step) (:mod:`cirlab.training.schedule`), and the
+checkpoint holds the model, the optimiser, the position (epoch, step, step in epoch) and
+every RNG state of every rank. On resume the batches already consumed in the interrupted
+epoch are skipped without being loaded. Evaluation runs with the RNG state saved and
+restored, so evaluating (or not) never changes the training trajectory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from cirlab.config import ExperimentConfig, OptimConfig
+from cirlab.training import distributed
+from cirlab.training.checkpoint import load_checkpoint, save_checkpoint
+from cirlab.training.distributed import EpochBatchSampler
+from cirlab.training.run import RunDir
+from cirlab.training.schedule import apply_schedule
+from cirlab.utils.progress import progress
+from cirlab.utils.seed import preserve_rng, rng_state, seed_everything, set_rng_state
+
+Evaluate = Callable[[nn.Module], Mapping[str, float]]
+
+
+class Trainer:
+    """Runs ``model.training_step`` over ``train_data`` as ``cfg.trainer`` says, writing to ``run``.
+
+    ``param_groups``: optimiser groups (dicts with ``params`` and optionally ``lr``,
+    ``weight_decay`` and ``scheduled=False`` to keep a group out of the schedule); by default
+    one group with every parameter that requires grad. ``evaluate`` is called on the main rank
+    with the unwrapped model every ``eval_every_epochs`` epochs and at the end; its metrics are
+    logged and ``trainer.select_metric`` (higher is better) picks ``best.pt``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Dataset,
+        cfg: ExperimentConfig,
+        run: RunDir,
+        *,
+        collate_fn: Callable | None = None,
+        param_groups: list[dict] | None = None,
+        evaluate: Evaluate | None = None,
+        resume: bool = False,
+    ) -> None:
+        distributed.init_distributed()
+        t = cfg.trainer
+        self.cfg, self.run, self.evaluate_fn, self.collate_fn = cfg, run, evaluate, collate_fn
+        self.device = distributed.default_device()
+        self.bf16 = use_bf16(t.precision, self.device)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(model, param_groups, t.optimizer)
+
+        self.sampler = EpochBatchSampler(
+            len(train_data),  # type: ignore[arg-type]
+            t.batch_size,
+            seed=cfg.seed,
+            rank=distributed.rank(),
+            world_size=distributed.world_size(),
+            multiple_of=t.grad_accum,
+        )
+        if self.sampler.num_batches == 0:
+            raise ValueError(
+                f"trainer: {len(train_data)} training samples make no optimiser step of "  # type: ignore[arg-type]
+                f"batch_size {t.batch_size} x grad_accum {t.grad_accum} x world size {distributed.world_size()}"
+            )
+        self.steps_per_epoch = self.sampler.num_batches // t.grad_accum
+        self.data = _WorkerSeeded(train_data, cfg.seed)
+
+        step_module: nn.Module = _TrainingStep(model)
+        if distributed.world_size() > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            step_module = DistributedDataParallel(step_module, device_ids=device_ids)
+        self.step_module = step_module
+
+        self.epoch = self.step = self.step_in_epoch = 0
+        self.best_metric: float | None = None
+        self.last_eval: dict[str, float] = {}
+        self.last_train: dict[str, float] = {}
+        self._eval_step: int | None = None
+        self._saved_step: int | None = None
+        self._new_best = False
+        self._window: dict[str, float] = {}
+        self._window_steps = 0
+        self._resume_rng: dict | None = None
+        if resume and run.latest.exists():
+            self._load(run.latest)
+        elif resume:
+            warnings.warn(f"--resume: no checkpoint in {run.path} yet, starting from scratch", stacklevel=2)
+        elif run.latest.exists():
+            raise FileExistsError(f"{run.latest} exists: resume this run or use a new run directory")
+
+    # ---------------------------------------------------------------- training loop
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``trainer.epochs`` or ``trainer.max_steps``; returns the final metrics."""
+        t = self.cfg.trainer
+        if self._resume_rng is None:
+            seed_everything(self.cfg.seed + distributed.rank())
+        while self.epoch < t.epochs and not self._budget_spent():
+            self._train_epoch()
+            if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps mid-epoch
+                break
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            if self.evaluate_fn is not None and self.epoch % t.eval_every_epochs == 0:
+                self._evaluate()
+            self._save()
+        if self.evaluate_fn is not None and self._eval_step != self.step:
+            self._evaluate()
+        if self._saved_step != self.step or self._new_best:
+            self._save()
+        return {"epoch": self.epoch, "step": self.step, **self.last_train, **self.last_eval}
+
+    def _train_epoch(self) -> None:
+        t = self.cfg.trainer
+        self._start_epoch()
+        self.step_module.train()
+        start = self.step_in_epoch * t.grad_accum
+        self.sampler.set_epoch(self.epoch, start)
+        self.data.epoch = self.epoch
+        loader = DataLoader(
+            self.data,
+            batch_sampler=self.sampler,
+            collate_fn=self.collate_fn,
+            num_workers=t.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # The loader draws its workers' base seed from this generator instead of the
+            # global RNG, whose stream must not depend on where an epoch was resumed.
+            generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch),
+        )
+        desc = f"epoch {self.epoch + 1}/{t.epochs}"
+        bar = progress(loader, desc=desc, total=self.sampler.num_batches, initial=start, unit="batch")
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(bar, start=start):
+            boundary = (i + 1) % t.grad_accum == 0
+            sync = nullcontext() if boundary or distributed.world_size() == 1 else self.step_module.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss, logs = _unpack(self.step_module(move_to(batch, self.device)))
+                (loss / t.grad_accum).backward()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
+            if boundary:
+                self._optimizer_step(sums)
+                sums = {}
+                if self.step % t.log_every_steps == 0:
+                    self._log(bar)
+                if self._budget_spent():
+                    bar.update()  # tqdm counts an item when the next one is asked for
+                    break
+                every = t.checkpoint_every_steps
+                if every and self.step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                    self._save()
+        bar.close()
+
+    def _start_epoch(self) -> None:
+        """Call the method's epoch hook and put back the RNG state of a resumed run in the
+        order the uninterrupted run had them: at an epoch boundary the hook ran after the
+        checkpointed state, in the middle of an epoch before it."""
+        hook = getattr(self.model, "on_epoch_start", None)
+        if self._resume_rng is not None and self.step_in_epoch == 0:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        if hook is not None:
+            hook(self.epoch)
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
+
+    def _optimizer_step(self, sums: dict[str, torch.Tensor]) -> None:
+        t = self.cfg.trainer
+        apply_schedule(
+            self.optimizer,
+            t.schedule,
+            epoch=self.epoch,
+            step=self.step,
+            epochs=t.epochs,
+            total_steps=t.epochs * self.steps_per_epoch,
+        )
+        if t.grad_clip is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        values = dict(zip(sums, torch.stack([v.float().reshape(()) for v in sums.values()]).tolist()))
+        if not np.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"training loss is {values['loss']} at step {self.step} (epoch {self.epoch}); "
+                f"the last good state is {self.run.latest}"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.step_in_epoch += 1
+        for k, v in values.items():
+            self._window[k] = self._window.get(k, 0.0) + v
+        self._window_steps += 1
+
+    def _log(self, bar: Any) -> None:
+        means = {k: v / self._window_steps for k, v in self._window.items()}
+        if distributed.world_size() > 1:  # average over ranks: each logged its local loss
+            x = torch.tensor(list(means.values()), dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(x)
+            means = dict(zip(means, (x / distributed.world_size()).tolist()))
+        self._window, self._window_steps = {}, 0
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.last_train = {f"train_{k}": v for k, v in means.items()}
+        self.run.log({"event": "train", "epoch": self._epochs_done(), "step": self.step, "lr": lr, **means})
+        bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+
+    def _epochs_done(self) -> float:
+        """Training progress in epochs (2.5 = half-way through the third), as logged."""
+        return self.epoch + self.step_in_epoch / self.steps_per_epoch
+
+    def _budget_spent(self) -> bool:
+        max_steps = self.cfg.trainer.max_steps
+        return max_steps is not None and self.step >= max_steps
+
+    # ---------------------------------------------------------------- evaluation
+
+    def _evaluate(self) -> None:
+        metrics: dict[str, float] = {}
+        if distributed.is_main() and self.evaluate_fn is not None:
+            self.model.eval()
+            with preserve_rng(), torch.no_grad():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    metrics = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
+            self.model.train()
+            self.run.log({"event": "eval", "epoch": self._epochs_done(), "step": self.step, **metrics})
+            select = self.cfg.trainer.select_metric
+            if select is not None:
+                if select not in metrics:
+                    raise ValueError(
+                        f"trainer.select_metric: {select!r} is not among the evaluation metrics {sorted(metrics)}"
+                    )
+                if self.best_metric is None or metrics[select] > self.best_metric:
+                    self.best_metric, self._new_best = metrics[select], True
+        distributed.barrier()
+        self.last_eval, self._eval_step = metrics, self.step
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _state(self, rng: list[dict]) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "best_metric": self.best_metric,
+            "rng": rng,  # one entry per rank
+            "world_size": distributed.world_size(),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def _save(self) -> None:
+        """``latest.pt`` (and ``best.pt`` after a new best), written by the main rank only."""
+        rng = [rng_state()]
+        if distributed.world_size() > 1:
+            rng = [None] * distributed.world_size()
+            torch.distributed.all_gather_object(rng, rng_state())
+        if distributed.is_main():
+            state = self._state(rng)
+            if self._new_best:
+                save_checkpoint(self.run.best, state)
+            save_checkpoint(self.run.latest, state)
+        self._new_best = False
+        self._saved_step = self.step
+
+    def _load(self, path) -> None:
+        state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+            self.best_metric = state["best_metric"]
+            rng = state["rng"]
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"checkpoint {path} does not match this model and optimiser: {e}") from None
+        if len(rng) != distributed.world_size():
+            warnings.warn(
+                f"{path} was written by {len(rng)} processes, resuming on {distributed.world_size()}: "
+                "data order and random streams will differ from an uninterrupted run",
+                stacklevel=3,
+            )
+        self._resume_rng = rng[distributed.rank() % len(rng)]
+        self._saved_step = self._eval_step = self.step
+        self.run.truncate_metrics(self.step)
+
+
+class _TrainingStep(nn.Module):
+    """``forward`` = ``model.training_step``, so that DDP's forward wraps the training step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Any) -> Any:
+        return self.model.training_step(batch)
+
+
+class _WorkerSeeded(Dataset):
+    """Makes per-sample randomness (augmentations, caption choice) a function of
+    (seed, epoch, index) inside DataLoader workers, so that skipping batches on resume
+    does not shift the workers' random streams. In the main process (``num_workers=0``)
+    the dataset draws from the global RNG, whose state the checkpoint restores."""
+
+    def __init__(self, data: Dataset, seed: int) -> None:
+        self.data, self.seed, self.epoch = data, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        if get_worker_info() is not None:
+            seed_everything(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+        return self.data[index]
+
+
+def build_optimizer(model: nn.Module, param_groups: list[dict] | None, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or Adam over ``param_groups``; every group records its base rate as ``initial_lr``."""
+    if param_groups is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = []
+    for g in param_groups:
+        g = {**g, "params": list(g["params"])}
+        g.setdefault("lr", cfg.lr)
+        g.setdefault("scheduled", True)
+        g["initial_lr"] = g["lr"]
+        groups.append(g)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_groups]
+    if orphans:
+        raise ValueError(
+            f"parameters require grad but are in no optimiser group: {orphans[:5]}"
+            f"{' ...' if len(orphans) > 5 else ''}; freeze them with requires_grad_(False) or add them to a group"
+        )
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``auto``: bf16 autocast on CUDA (when supported), fp32 on the CPU."""
+    if precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Tensors (also inside dicts, lists, tuples and objects with ``.to``) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if hasattr(batch, "to") and not isinstance(batch, nn.Module):  # e.g. a tokenizer's BatchEncoding
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def _unpack(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        out = {"loss": out}
+    if not isinstance(out, Mapping) or "loss" not in out:
+        raise TypeError(f"training_step must return a loss tensor or a dict with 'loss', got {type(out).__name__}")
+    loss = out["loss"]
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError(f"training_step's loss must be a scalar tensor, got {loss!r:.80}")
+    logs = {
+        k: torch.as_tensor(v, device=loss.device)
+        for k, v in out.items()
+        if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+    }
+    return loss.reshape(()), logs

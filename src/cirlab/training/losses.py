@@ -1,0 +1,45 @@
+"""Batch-contrastive losses that stay exact under data parallelism.
+
+On one process they are the usual in-batch InfoNCE. Under DDP each rank scores its *local*
+queries against the keys of *all* ranks (gathered with gradients) and labels are offset by
+the number of rows on the ranks before it; with equal batch sizes the mean over ranks of
+these local losses is the single-process loss on the concatenated batch, and DDP's gradient
+average gives its exact gradient (see :func:`~cirlab.training.distributed.all_gather_with_grad`).
+Unequal batch sizes (missing images dropped by the collate) work too; each rank's loss is
+then the mean over its own queries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cirlab.training.distributed import all_gather_with_grad, gathered_sizes, rank
+
+
+def _labels(n: int, device: torch.device) -> torch.Tensor:
+    """Positions of this rank's rows in the gathered batch."""
+    offset = sum(gathered_sizes(n, device)[: rank()])
+    return torch.arange(n, device=device) + offset
+
+
+def info_nce(query: torch.Tensor, target: torch.Tensor, scale: float | torch.Tensor = 100.0) -> torch.Tensor:
+    """CLIP4Cir's loss: cross-entropy query -> target over the batch, labels ``arange(B)``,
+    logits ``scale * <q, t>`` on L2-normalised features (fixed scale 100, i.e. temperature 0.01).
+    Not symmetric."""
+    q = F.normalize(query, dim=-1)
+    t = all_gather_with_grad(F.normalize(target, dim=-1))
+    return F.cross_entropy(scale * q @ t.T, _labels(q.shape[0], q.device))
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: float | torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP): the mean of a -> b and b -> a cross-entropies.
+
+    ``logit_scale`` multiplies the cosine similarities as is (pass ``exp`` of a learnable
+    log-scale, or ``1 / temperature``)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    all_a, all_b = all_gather_with_grad(a), all_gather_with_grad(b)
+    labels = _labels(a.shape[0], a.device)
+    a_to_b = F.cross_entropy(logit_scale * a @ all_b.T, labels)
+    b_to_a = F.cross_entropy(logit_scale * b @ all_a.T, labels)
+    return 0.5 * (a_to_b + b_to_a)

@@ -1,0 +1,363 @@
+"""The training engine: exact resumption, accumulation, schedules, run directory, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from cirlab.config import ExperimentConfig
+from cirlab.training import RunDir, Trainer, load_checkpoint, load_model_state, save_checkpoint
+from cirlab.training.schedule import cosine_epoch_lr, cosine_step_lr, lr_at
+from cirlab.utils.seed import preserve_rng, rng_state, set_rng_state
+
+D_IN, N_CLASSES = 8, 3
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    """Exactness is checked in fp32 on the CPU; the CUDA test below opts back in."""
+    monkeypatch.setenv("CIRLAB_DEVICE", "cpu")
+
+
+class TinyClassifier(nn.Module):
+    """An MLP with dropout; ``kill_after`` SIGKILLs the process at that training_step call."""
+
+    def __init__(self, dropout: float = 0.3, hidden: int = 16) -> None:
+        super().__init__()
+        if hidden:
+            layers = [nn.Linear(D_IN, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, N_CLASSES)]
+            self.net = nn.Sequential(*layers)
+        else:
+            self.net = nn.Linear(D_IN, N_CLASSES)
+        self.calls, self.kill_after, self.started = 0, None, []
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.started.append(epoch)
+        torch.rand(1)  # a hook may draw random numbers; resumption must replay them in order
+
+    def training_step(self, batch):
+        self.calls += 1
+        if self.kill_after is not None and self.calls > self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        x, y = batch
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean()}
+
+
+def separable(n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels from one fixed linear rule; ``seed`` draws the inputs (1 gives a held-out set)."""
+    w = torch.randn(D_IN, N_CLASSES, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(n, D_IN, generator=torch.Generator().manual_seed(seed + 1))
+    return x, (x @ w).argmax(-1)
+
+
+class NoisyData(Dataset):
+    """Per-sample randomness from python's and numpy's global RNGs (like caption sampling or
+    augmentation), so resumption must restore those streams too."""
+
+    def __init__(self) -> None:
+        self.x, self.y = separable()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        noise = torch.from_numpy(np.random.randn(D_IN).astype(np.float32)) * 0.1
+        return self.x[i] * (0.9 + 0.2 * random.random()) + noise, self.y[i]
+
+
+def make_cfg(tmp_path: Path, **trainer) -> ExperimentConfig:
+    base = {
+        "epochs": 3,
+        "batch_size": 8,
+        "grad_accum": 2,  # 96 samples -> 6 optimiser steps per epoch
+        "optimizer": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05},
+        "schedule": {"name": "cosine_epoch", "min_lr": 1e-3},
+        "log_every_steps": 1,
+        "output_dir": str(tmp_path),
+    }
+    return ExperimentConfig.model_validate({"name": "tiny", "seed": 5, "trainer": {**base, **trainer}})
+
+
+def holdout_accuracy(model: nn.Module) -> dict[str, float]:
+    torch.rand(3)  # evaluation may draw random numbers; the training stream must not notice
+    x, y = separable(64, seed=1)
+    pred = model.net(x.to(next(model.parameters()).device)).argmax(-1).cpu()
+    return {"acc": (pred == y).float().mean().item()}
+
+
+def train(cfg, run, *, data=None, resume=False, evaluate=holdout_accuracy, init_seed=123, **model_kw):
+    torch.manual_seed(init_seed)
+    model = TinyClassifier(**model_kw)
+    Trainer(model, data if data is not None else NoisyData(), cfg, run, resume=resume, evaluate=evaluate).fit()
+    return model
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+def train_steps(run: RunDir) -> list[int]:
+    return [r["step"] for r in run.read_metrics() if r["event"] == "train"]
+
+
+# ------------------------------------------------------------------------ resumption
+
+
+@pytest.mark.parametrize(
+    "num_workers, stop, position",
+    [(0, 9, (1, 3)), (2, 9, (1, 3)), (0, 12, (2, 0))],  # (epoch, step in epoch) at the stop
+    ids=["mid-epoch", "mid-epoch-workers", "epoch-boundary"],
+)
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, num_workers, stop, position):
+    check_resume(tmp_path, make_cfg(tmp_path, num_workers=num_workers), stop, position)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_is_exact_on_cuda_with_bf16_autocast(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIRLAB_DEVICE")
+    cfg = make_cfg(tmp_path)  # precision auto: bf16 autocast on CUDA
+    resumed = check_resume(tmp_path, cfg, 9, (1, 3))
+    assert next(resumed.parameters()).is_cuda
+
+
+def check_resume(tmp_path: Path, cfg: ExperimentConfig, stop: int, position: tuple[int, int]) -> nn.Module:
+    """Train straight; train to ``stop`` and resume in a new Trainer; compare."""
+    straight_run = RunDir.create(cfg, tmp_path / "straight")
+    straight = train(cfg, straight_run)
+
+    half = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_steps": stop})})
+    split_run = RunDir.create(half, tmp_path / "split")
+    stopped = train(half, split_run)
+    ckpt = load_checkpoint(split_run.latest)
+    assert (ckpt["step"], (ckpt["epoch"], ckpt["step_in_epoch"])) == (stop, position)
+    with pytest.raises(AssertionError):  # the stop really happened before the end
+        assert_same_weights(stopped.state_dict(), straight.state_dict())
+
+    resumed = train(cfg, RunDir.open(split_run.path), resume=True, init_seed=999)
+    assert_same_weights(resumed.state_dict(), straight.state_dict())
+    assert resumed.started == list(range(position[0], 3))  # the interrupted epoch's hook runs again
+    # the logged training curve is the uninterrupted one, step for step
+    assert train_steps(split_run) == train_steps(straight_run) == list(range(1, 19))
+    losses = [r["loss"] for r in split_run.read_metrics() if r["event"] == "train"]
+    assert losses == pytest.approx([r["loss"] for r in straight_run.read_metrics() if r["event"] == "train"], abs=1e-6)
+    return resumed
+
+
+def _subprocess_train(run_path: str, resume: bool, kill_after: int | None) -> None:
+    """Entry point of the real-kill test's child processes."""
+    cfg = make_cfg(Path(run_path).parent, checkpoint_every_steps=4)
+    run = RunDir.open(run_path) if resume else RunDir.create(cfg, run_path)
+    torch.manual_seed(123)
+    model = TinyClassifier()
+    model.kill_after = kill_after
+    Trainer(model, NoisyData(), cfg, run, resume=resume, evaluate=holdout_accuracy).fit()
+
+
+def _run_child(run_path: Path, resume: bool, kill_after: int | None) -> subprocess.CompletedProcess:
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_engine; "
+        f"test_engine._subprocess_train({str(run_path)!r}, {resume}, {kill_after})"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    run_path = tmp_path / "killed"
+    # checkpoints every 4 steps: the last one before the kill is step 8 (epoch 2, 2 steps in);
+    # the kill comes at the 20th micro-batch, i.e. in the middle of step 10
+    killed = _run_child(run_path, resume=False, kill_after=19)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ckpt = load_checkpoint(run_path / "latest.pt")
+    assert (ckpt["step"], ckpt["step_in_epoch"]) == (8, 2)
+    assert train_steps(RunDir.open(run_path))[-1] == 9  # logged past the checkpoint
+
+    resumed = _run_child(run_path, resume=True, kill_after=None)
+    assert resumed.returncode == 0, resumed.stderr
+
+    cfg = make_cfg(tmp_path, checkpoint_every_steps=4)
+    straight = train(cfg, RunDir.create(cfg, tmp_path / "straight"))
+    assert_same_weights(load_model_state(run_path / "latest.pt"), straight.state_dict())
+    assert train_steps(RunDir.open(run_path)) == list(range(1, 19))  # no step logged twice
+    assert not list(run_path.glob("*.tmp"))
+
+
+def test_resume_without_a_checkpoint_starts_afresh_and_reuse_without_resume_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, epochs=1)
+    run = RunDir.create(cfg, tmp_path / "r")
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        train(cfg, run, resume=True)
+    with pytest.raises(FileExistsError, match="latest.pt"):
+        train(cfg, RunDir.open(run.path))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        RunDir.create(cfg, run.path)
+
+
+def test_rng_states_round_trip_through_a_checkpoint_file(tmp_path):
+    def draw():
+        return random.random(), float(np.random.rand()), torch.rand(2).tolist()
+
+    state = rng_state()
+    expected = draw()
+    save_checkpoint(tmp_path / "rng.pt", {"model": {}, "rng": state})
+    draw()
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])  # weights_only load
+    assert draw() == expected
+    set_rng_state(state)
+    with preserve_rng():
+        draw()
+    assert draw() == expected  # evaluation-style draws inside preserve_rng leave no trace
+
+
+# ------------------------------------------------------------------------ optimisation
+
+
+def test_loss_goes_down_on_a_separable_problem(tmp_path):
+    cfg = make_cfg(tmp_path, epochs=8, grad_accum=1, schedule={"name": "constant"})
+    run = RunDir.create(cfg)
+    out = Trainer(TinyClassifier(dropout=0.0), TensorDataset(*separable()), cfg, run, evaluate=holdout_accuracy).fit()
+    losses = [r["loss"] for r in run.read_metrics() if r["event"] == "train"]
+    assert np.mean(losses[-12:]) < 0.3 * np.mean(losses[:12])
+    assert out["acc"] > 0.8 and out["step"] == 8 * 12
+
+
+def test_grad_accumulation_equals_the_bigger_batch(tmp_path):
+    weights = []
+    for batch_size, accum in [(8, 2), (16, 1)]:
+        cfg = make_cfg(tmp_path, batch_size=batch_size, grad_accum=accum, max_steps=3, schedule={"name": "constant"})
+        model = train(cfg, RunDir.create(cfg), data=TensorDataset(*separable()), hidden=0)  # no batch-dependent layer
+        weights.append(model.state_dict())
+    assert_same_weights(*weights)
+
+
+def test_unscheduled_group_keeps_its_lr_under_cosine_epoch(tmp_path):
+    cfg = make_cfg(tmp_path, schedule={"name": "cosine_epoch", "max_epoch": 2, "min_lr": 1e-4})
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    first, last = model.net[0], model.net[3]
+    groups = [{"params": first.parameters()}, {"params": last.parameters(), "lr": 0.5, "scheduled": False}]
+    trainer = Trainer(model, NoisyData(), cfg, RunDir.create(cfg), param_groups=groups)
+    seen: list[tuple[float, ...]] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(tuple(g["lr"] for g in trainer.optimizer.param_groups))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    trainer.fit()
+    expected = [cosine_epoch_lr(1e-2, e, 2, 1e-4) for e in range(3) for _ in range(6)]
+    assert [s[0] for s in seen] == pytest.approx(expected)
+    assert expected[6:12] != pytest.approx(expected[:6])  # the schedule did move group 0
+    assert all(s[1] == 0.5 for s in seen)
+
+
+def test_trainable_parameters_outside_every_group_are_an_error(tmp_path):
+    cfg = make_cfg(tmp_path)
+    model = TinyClassifier()
+    with pytest.raises(ValueError, match=r"net\.3\.weight"):
+        Trainer(model, NoisyData(), cfg, RunDir.create(cfg), param_groups=[{"params": model.net[0].parameters()}])
+
+
+# ------------------------------------------------------------------------ schedules
+
+
+def test_cosine_epoch_matches_blip_formula_including_the_restart_quirk():
+    for epoch in range(20):
+        direct = (5e-5 - 1e-6) * 0.5 * (1 + math.cos(math.pi * epoch / 10)) + 1e-6
+        assert cosine_epoch_lr(5e-5, epoch, 10, 1e-6) == pytest.approx(direct, rel=1e-12)
+    assert cosine_epoch_lr(5e-5, 0, 10) == 5e-5
+    assert cosine_epoch_lr(5e-5, 10, 10) == pytest.approx(0.0, abs=1e-20)
+    assert cosine_epoch_lr(5e-5, 15, 10) == pytest.approx(2.5e-5)  # climbing back up after max_epoch
+    sched = make_cfg(Path("."), schedule={"name": "cosine_epoch"}).trainer.schedule
+    # max_epoch defaults to the number of epochs
+    assert lr_at(sched, 1.0, epoch=5, step=0, epochs=10, total_steps=100) == pytest.approx(0.5)
+
+
+def test_cosine_step_and_warmup_match_direct_formulas():
+    base, total, warm, low = 1e-3, 110, 10, 1e-5
+    sched = make_cfg(Path("."), schedule={"name": "cosine_step", "warmup_steps": warm, "min_lr": low}).trainer.schedule
+    for step in range(total):
+        if step < warm:
+            direct = base * (step + 1) / warm
+        else:
+            direct = low + (base - low) * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+        assert lr_at(sched, base, epoch=0, step=step, epochs=1, total_steps=total) == pytest.approx(direct, rel=1e-12)
+    assert cosine_step_lr(base, total, total, warm, low) == pytest.approx(low)
+    constant = make_cfg(Path("."), schedule={"name": "constant", "warmup_steps": 4}).trainer.schedule
+    lrs = [lr_at(constant, 1.0, epoch=0, step=s, epochs=1, total_steps=10) for s in range(6)]
+    assert lrs == [0.25, 0.5, 0.75, 1, 1, 1]
+
+
+# ------------------------------------------------------------------------ run directory and checkpoints
+
+
+def test_run_directory_records_config_environment_metrics_and_best(tmp_path):
+    cfg = make_cfg(tmp_path, select_metric="acc")
+    run = RunDir.create(cfg)
+    assert run.path.parent == tmp_path and run.path.name.startswith("tiny-")
+    model = train(cfg, run)
+
+    assert run.load_config() == cfg
+    assert yaml.safe_load(run.config_path.read_text())["trainer"]["grad_accum"] == 2
+    env = json.loads(run.env_path.read_text())
+    assert env["seed"] == 5 and env["python"].count(".") == 2 and env["device"] == "cpu"
+    assert env["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert all(env["packages"][p] for p in ("cirlab", "numpy", "transformers"))
+
+    lines = run.metrics_path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    train_rec = [r for r in records if r["event"] == "train"]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert all({"step", "epoch", "lr", "loss", "acc"} <= r.keys() for r in train_rec)
+    assert [r["epoch"] for r in evals] == [1, 2, 3] and [r["step"] for r in evals] == [6, 12, 18]
+    assert [r["epoch"] for r in train_rec[:6]] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1])
+
+    best = load_checkpoint(run.best)
+    best_value = max(r["acc"] for r in evals)
+    assert best["best_metric"] == best_value
+    assert best["step"] == next(r["step"] for r in evals if r["acc"] == best_value)
+    assert_same_weights(load_model_state(run.latest), model.state_dict(), atol=0)
+    fresh = TinyClassifier()
+    fresh.load_state_dict(load_model_state(run.best))  # weights load without any training code
+
+
+def test_checkpoint_writes_are_atomic_and_bad_files_are_named(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, epochs=1)
+    run = RunDir.create(cfg)
+    train(cfg, run)
+    assert not [p for p in run.path.iterdir() if p.name.endswith(".tmp")]
+    good = run.latest.read_bytes()
+
+    def crash(obj, f, *a, **k):  # dies half-way through writing
+        Path(f).write_bytes(good[: len(good) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(run.latest, {"model": {}})
+    monkeypatch.undo()
+    assert run.latest.read_bytes() == good  # the previous checkpoint is intact
+    assert not [p for p in run.path.iterdir() if p.name.endswith(".tmp")]
+
+    run.latest.write_bytes(good[: len(good) // 2])  # truncated by something else
+    with pytest.raises(ValueError, match=str(run.latest)):
+        train(cfg, RunDir.open(run.path), resume=True)
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load_model_state(run.latest)
