@@ -1,0 +1,136 @@
+"""The interface every backbone adapter offers to cirlab's methods, and its fingerprint.
+
+An adapter owns a Hugging Face model (real BLIP / CLIP checkpoint or one of cirlab's small
+models with the same layout) and its tokenizer, and hides the HF API (output objects, masks,
+pooling rules) behind plain tensors. Methods never touch ``backbone.model`` directly unless they
+need a part the interface does not name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class ImageFeatures:
+    """What an image encoder returns.
+
+    embeds: (B, D) projected global feature, *unnormalised* (methods normalise where the paper does).
+    tokens: (B, L, h) the vision tower's last hidden state, for cross-attention (BLIP) or analysis.
+    """
+
+    embeds: torch.Tensor
+    tokens: torch.Tensor
+
+
+class Backbone(nn.Module):
+    """Common part of :class:`BlipBackbone` and :class:`ClipBackbone`."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        rows = self.input_embeddings.num_embeddings
+        if len(tokenizer) > rows:
+            raise ValueError(
+                f"{type(self).__name__}: tokenizer has {len(tokenizer)} tokens but the text embedding has only "
+                f"{rows} rows; add new tokens with cirlab.models.add_tokens, which resizes both"
+            )
+
+    # -- shared accessors ------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def image_size(self) -> int:
+        """Side length in pixels the image tower expects (384 for BLIP ViT-B, 224 for CLIP, 64 small)."""
+        size = self.config.vision_config.image_size
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def vision_hidden(self) -> int:
+        return int(self.config.vision_config.hidden_size)
+
+    @property
+    def text_hidden(self) -> int:
+        return int(self.config.text_config.hidden_size)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the projected (joint) embedding space."""
+        return int(self.text_proj.out_features)
+
+    @property
+    def max_text_length(self) -> int:
+        return int(self.config.text_config.max_position_embeddings)
+
+    @property
+    def input_embeddings(self) -> nn.Embedding:
+        """The text token-embedding matrix (what :func:`add_tokens` grows)."""
+        return self.text_encoder.get_input_embeddings()
+
+    # -- text --------------------------------------------------------------------------------------
+    def tokenize(self, texts: str | list[str], max_length: int = 77) -> BatchEncoding:
+        """Pad to the longest text, truncate at ``max_length`` (77 as in the official repos).
+
+        Returns ``input_ids`` and ``attention_mask`` on the backbone's device."""
+        enc = self.tokenizer(
+            [texts] if isinstance(texts, str) else list(texts),
+            padding="longest",
+            truncation=True,
+            max_length=min(max_length, self.max_text_length),
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return enc.to(self.device)
+
+    # -- identity ----------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        return fingerprint(self)
+
+
+# Config keys that change with where/how a model was saved or loaded, not with what it computes.
+_VOLATILE_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
+
+
+def _stable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if k not in _VOLATILE_KEYS}
+    if isinstance(obj, (list, tuple)):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def fingerprint(backbone: Backbone) -> str:
+    """A hex digest of config + tokenizer vocabulary + every weight's bytes.
+
+    Identical for a model and its saved-and-reloaded copy, different as soon as one weight, the
+    architecture or a token id changes; used to key cached features. Hashes all weights (a few
+    seconds for ViT-L on CPU), so call it once per run, not per batch."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(backbone.kind.encode())
+    h.update(json.dumps(_stable(backbone.config.to_dict()), sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted(backbone.tokenizer.get_vocab().items())).encode())
+    for name, tensor in backbone.model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no extra copy
+    return h.hexdigest()
