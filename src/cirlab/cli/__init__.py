@@ -10,7 +10,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["cirlab.cli.data", "cirlab.cli.score", "cirlab.cli.train", "cirlab.cli.demo"]
+COMMANDS = ["cirlab.cli.data", "cirlab.cli.score", "cirlab.cli.train", "cirlab.cli.evaluate",
+            "cirlab.cli.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
