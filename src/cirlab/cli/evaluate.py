@@ -29,7 +29,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from cirlab.data.registry import load_split
+    from cirlab.data.registry import load_splits
+    from cirlab.evaluation.protocols import combine_splits
     from cirlab.methods import METHODS
     from cirlab.models import load_backbone
     from cirlab.training.run import RunDir
@@ -42,11 +43,16 @@ def evaluate(args: argparse.Namespace) -> int:
     if not cfg.model.backbone:
         raise ValueError(f"{args.config}: model.backbone must name a backbone folder to evaluate")
     backbone = load_backbone(cfg.model.backbone, kind=cfg.model.kind)
-    split = load_split(cfg.data.dataset, cfg.data.root, cfg.evaluation.split)
-    results = importlib.import_module(METHODS[name]).evaluate(cfg, backbone, split)
+    categories = cfg.data.categories if cfg.data.dataset == "fashioniq" else None
+    splits = load_splits(cfg.data.dataset, cfg.data.root, cfg.evaluation.split, categories=categories)
+    method = importlib.import_module(METHODS[name])
+    per_split = [method.evaluate(cfg, backbone, split) for split in splits]  # FashionIQ: one per category
+    results = {row: combine_splits(splits, [r[row] for r in per_split]) for row in per_split[0]}
     run = RunDir.create(cfg, args.run_dir)
     atomic_write_json(run.path / "metrics.json", results, indent=1)
-    print(f"{split.name} ({len(split.queries)} queries, {len(split.gallery)} images), backbone {cfg.model.backbone}")
+    for split in splits:
+        print(f"{split.name}: {len(split.queries)} queries, {len(split.gallery)} images")
+    print(f"backbone {cfg.model.backbone}")
     print(format_table(results))
     print(f"metrics: {run.path / 'metrics.json'}")
     return 0
