@@ -27,6 +27,7 @@ def train(args: argparse.Namespace) -> int:
     from cirlab.methods import METHODS
     from cirlab.training.engine import Trainer
     from cirlab.training.run import RunDir
+    from cirlab.utils.seed import seed_everything
 
     if args.resume:
         if args.run_dir is None:
@@ -40,6 +41,7 @@ def train(args: argparse.Namespace) -> int:
     if name not in METHODS:
         raise ValueError(f"{args.config}: method.name must be one of {sorted(METHODS)}, got {name!r}")
     method = importlib.import_module(METHODS[name])
+    seed_everything(cfg.seed)  # before build: the model's random initialisation is part of the run
     model, train_data, evaluate = method.build(cfg)
     trainer = Trainer(model, train_data, cfg, run, collate_fn=collate_skip_none, evaluate=evaluate, resume=args.resume,
                       param_groups=getattr(model, "param_groups", lambda: None)())
