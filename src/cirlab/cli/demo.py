@@ -47,7 +47,7 @@ def demo(args: argparse.Namespace) -> int:
     if (blip / "backbone" / "config.json").is_file():
         _step(f"small BLIP already pretrained at {blip}; reusing it")
     else:
-        resume = (blip / "latest.pt").is_file()
+        resume = (blip / "config.yaml").is_file()  # an earlier demo stopped part-way: continue it
         _step(("resuming" if resume else "pretraining") + f" the small BLIP on scene captions into {blip}")
         cmd = ["pretrain", "--config", str(CONFIG_ROOT / "pretrain" / "shapes_blip.yaml"), "--run-dir", str(blip),
                "--set", f"data.root={data}", "--set", f"seed={args.seed}"]
