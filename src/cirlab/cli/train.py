@@ -35,14 +35,15 @@ def train(args: argparse.Namespace) -> int:
         run = RunDir.open(args.run_dir)
         cfg = run.load_config()
     else:
-        cfg = load_config(args.config, args.overrides)
-        run = RunDir.create(cfg, args.run_dir)
+        run, cfg = None, load_config(args.config, args.overrides)
     name = cfg.method.get("name", "pretrain" if args.command == "pretrain" else None)
-    if name not in METHODS:
-        raise ValueError(f"{args.config}: method.name must be one of {sorted(METHODS)}, got {name!r}")
-    method = importlib.import_module(METHODS[name])
+    method = importlib.import_module(METHODS[name]) if name in METHODS else None
+    if method is None or not hasattr(method, "build"):
+        trainable = sorted(n for n, m in METHODS.items() if hasattr(importlib.import_module(m), "build"))
+        raise ValueError(f"{args.config}: method.name must be a trainable method, one of {trainable}; got {name!r}")
     seed_everything(cfg.seed)  # before build: the model's random initialisation is part of the run
     model, train_data, evaluate = method.build(cfg)
+    run = run or RunDir.create(cfg, args.run_dir)  # only once the config has proved buildable
     trainer = Trainer(model, train_data, cfg, run, collate_fn=collate_skip_none, evaluate=evaluate, resume=args.resume,
                       param_groups=getattr(model, "param_groups", lambda: None)())
     metrics = trainer.fit()

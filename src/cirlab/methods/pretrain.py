@@ -145,8 +145,11 @@ def caption_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, s
         image_feats.append(F.normalize(backbone.encode_image(batch["image"].to(backbone.device)).embeds, dim=-1))
     img = torch.cat(image_feats)
     texts = list(dict.fromkeys(captions[i] for i in image_ids))
-    txt = torch.cat([F.normalize(backbone.encode_text(**_tok(backbone, texts[s:s + batch_size], max_text_length)), dim=-1)
-                     for s in range(0, len(texts), batch_size)])
+    txt = []
+    for s in range(0, len(texts), batch_size):
+        enc = backbone.tokenize(texts[s:s + batch_size], max_length=max_text_length)
+        txt.append(F.normalize(backbone.encode_text(enc.input_ids, enc.attention_mask), dim=-1))
+    txt = torch.cat(txt)
     code = {t: k for k, t in enumerate(texts)}
     label = torch.tensor([code[captions[i]] for i in image_ids], device=img.device)
     sim = img @ txt.T  # images x distinct captions
@@ -158,11 +161,6 @@ def caption_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, s
         out[f"t2i_R@{k}"] = 100 * (label[top_i] == torch.arange(len(texts), device=img.device)[:, None]).any(1).float().mean().item()
     backbone.train(was_training)
     return out
-
-
-def _tok(backbone: Backbone, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-    enc = backbone.tokenize(texts, max_length=max_length)
-    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
 
 
 def export(model: Pretrainer, run) -> Path:
