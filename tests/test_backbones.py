@@ -94,6 +94,20 @@ def test_fingerprint_follows_weights():
     assert fingerprint(bb) != first
 
 
+@pytest.mark.parametrize("name", ["small_blip", "blip"])
+def test_image_fingerprint_ignores_the_text_side(name):
+    """Cached image features survive text fine-tuning (and new tokens), not image-side changes."""
+    bb = tiny(name)
+    first = bb.image_fingerprint()
+    with torch.no_grad():
+        bb.text_proj.weight[0, 0] += 1e-3
+    add_tokens(bb, ["[FORWARD]"])
+    assert bb.image_fingerprint() == first
+    with torch.no_grad():
+        bb.vision_proj.weight[0, 0] += 1e-3
+    assert bb.image_fingerprint() != first
+
+
 @pytest.fixture(scope="module")
 def saved_small_clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("bb") / "small_clip"

@@ -89,25 +89,30 @@ def _two(captions: Sequence[str], chars: str | None = _STRIP) -> tuple[str, str]
     return captions[0].strip(chars), captions[1].strip(chars)
 
 
-def fiq_train_caption(captions: Sequence[str], rng: random.Random | None = None, capitalize: bool = True) -> str:
-    """The training text of CLIP4Cir's ``generate_randomized_fiq_caption`` (REFERENCE 0.3).
-
-    One of four forms, 0.25 each: (a) "C1 and c2", (b) "C2 and c1", (c) "C1", (d) "C2" (the
-    first letter capitalised, as the official code does in every form; ``capitalize=False`` is
-    SPN4CIR's variant). The official tests are ``r < .25``, ``.25 < r < .5``, ``.5 < r < .75``, else
-    (d), so r == 0.25 or 0.5 falls through to (d); reproduced on purpose. ``rng`` defaults to
-    Python's global ``random``, which DataLoader workers seed per worker.
-    """
+def fiq_train_forms(captions: Sequence[str], capitalize: bool = True) -> tuple[str, str, str, str]:
+    """The four training texts of a FashionIQ pair: (a) "C1 and c2", (b) "C2 and c1", (c) "C1",
+    (d) "C2" (first letter capitalised as the official code does; ``capitalize=False`` is
+    SPN4CIR's variant). Methods that pre-encode every possible text enumerate these."""
     c1, c2 = _two(captions)
     cap1, cap2 = (c1.capitalize(), c2.capitalize()) if capitalize else (c1, c2)
+    return f"{cap1} and {c2}", f"{cap2} and {c1}", cap1, cap2
+
+
+def fiq_train_caption(captions: Sequence[str], rng: random.Random | None = None, capitalize: bool = True) -> str:
+    """The training text of CLIP4Cir's ``generate_randomized_fiq_caption`` (REFERENCE 0.3): one of
+    :func:`fiq_train_forms`, 0.25 each. The official tests are ``r < .25``, ``.25 < r < .5``,
+    ``.5 < r < .75``, else (d), so r == 0.25 or 0.5 falls through to (d); reproduced on purpose.
+    ``rng`` defaults to Python's global ``random``, which DataLoader workers seed per worker.
+    """
+    a, b, c, d = fiq_train_forms(captions, capitalize)
     r = (rng or random).random()
     if r < 0.25:
-        return f"{cap1} and {c2}"
+        return a
     if 0.25 < r < 0.5:
-        return f"{cap2} and {c1}"
+        return b
     if 0.5 < r < 0.75:
-        return cap1
-    return cap2
+        return c
+    return d
 
 
 def fiq_val_caption(captions: Sequence[str], capitalize: bool = True) -> str:

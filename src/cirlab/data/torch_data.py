@@ -8,7 +8,7 @@ back to the main process, and warns once at the end of the epoch.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -110,6 +110,34 @@ class GalleryDataset(_ImageDataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         image = self.read_image(self.ids[index])
         return None if image is None else {"id": self.ids[index], "index": index, "image": image}
+
+
+class FeatureTriplets(Dataset):
+    """Training triplets for methods on cached image features: items ``{index, reference,
+    target, text}`` (plus ``back_text`` with ``back_text_fn``), where ``reference`` and ``target``
+    are rows of a feature table (``rows``: image id -> row). No image is read, so a step costs
+    only the trainable part. Texts are drawn per item (FashionIQ's random caption forms)."""
+
+    def __init__(self, split: CIRSplit, rows: Mapping[str, int], text_fn: Callable[[Query], str],
+                 back_text_fn: Callable[[Query], str] | None = None) -> None:
+        if not split.has_targets:
+            raise ValueError(f"{split.name} has no targets to train on")
+        self.queries = [q for q in split.queries if q.target is not None]
+        unknown = [i for q in self.queries for i in (q.reference, q.target) if i not in rows]
+        if unknown:
+            raise ValueError(f"{split.name}: {len(unknown)} reference/target images have no features, e.g. {unknown[:3]}")
+        self.rows, self.text_fn, self.back_text_fn = rows, text_fn, back_text_fn
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        q = self.queries[index]
+        item = {"index": index, "reference": self.rows[q.reference], "target": self.rows[q.target],
+                "text": self.text_fn(q)}
+        if self.back_text_fn is not None:
+            item["back_text"] = self.back_text_fn(q)
+        return item
 
 
 def _collate(batch: list[Any]) -> tuple[Any, list[str]]:

@@ -170,6 +170,16 @@ def evaluate_similarity(split: CIRSplit, sim: Tensor) -> dict[str, float]:
     return _score(split, index, ranking, subset)
 
 
+def recall_at_depths(split: CIRSplit, sim: Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """``R@K`` for any ``ks`` (the protocol's exclusions and hits): how much a top-K candidate
+    list keeps, which bounds what a re-ranker of that list can reach. Depths beyond the
+    gallery are left out."""
+    index = index_split(split)
+    depth = min(max(ks), sim.shape[1] - int(split.exclude_reference))
+    hits = hits_from_ranking(rank_gallery(sim, depth, index.exclude), index.positives)
+    return {f"R@{k}": v for k, v in recall_at_k(hits, [k for k in ks if k <= depth]).items()}
+
+
 def _ranking_from_ids(split: CIRSplit, index: SplitIndex, ranked: Mapping[str, Sequence[str]],
                       depth: int, subset: bool, label: str) -> Tensor:
     qids = [q.qid for q in split.queries]

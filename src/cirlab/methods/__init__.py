@@ -7,6 +7,7 @@ optionally ``export(model, run)``; an evaluable one offers
 """
 
 METHODS = {
+    "bidirectional": "cirlab.methods.bidirectional",
     "pretrain": "cirlab.methods.pretrain",
     "zeroshot": "cirlab.methods.zeroshot",
 }

@@ -106,6 +106,13 @@ class Backbone(nn.Module):
     def fingerprint(self) -> str:
         return fingerprint(self)
 
+    def image_fingerprint(self) -> str:
+        """Fingerprint of what image features depend on: the vision config, the image tower and
+        its projection. Fine-tuning the text side (Bi-BLIP4CIR, re-ranking, RTD) keeps it, so
+        cached image features stay valid across those methods' runs and exports."""
+        parts = {"vision_model": self.vision_model, "vision_proj": self.vision_proj}
+        return fingerprint(self, config=self.config.vision_config.to_dict(), parts=parts)
+
 
 # Config keys that change with where/how a model was saved or loaded, not with what it computes.
 _VOLATILE_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"}
@@ -119,17 +126,21 @@ def _stable(obj: Any) -> Any:
     return obj
 
 
-def fingerprint(backbone: Backbone) -> str:
+def fingerprint(backbone: Backbone, *, config: dict | None = None, parts: dict[str, nn.Module] | None = None) -> str:
     """A hex digest of config + tokenizer vocabulary + every weight's bytes.
 
     Identical for a model and its saved-and-reloaded copy, different as soon as one weight, the
-    architecture or a token id changes; used to key cached features. Hashes all weights (a few
-    seconds for ViT-L on CPU), so call it once per run, not per batch."""
+    architecture or a token id changes. Hashes all weights (a few seconds for ViT-L on CPU), so
+    call it once per run, not per batch. ``config`` and ``parts`` restrict it to a sub-config and
+    named submodules (the tokenizer then does not count): see :meth:`Backbone.image_fingerprint`."""
     h = hashlib.blake2b(digest_size=16)
     h.update(backbone.kind.encode())
-    h.update(json.dumps(_stable(backbone.config.to_dict()), sort_keys=True, default=str).encode())
-    h.update(json.dumps(sorted(backbone.tokenizer.get_vocab().items())).encode())
-    for name, tensor in backbone.model.state_dict().items():
+    h.update(json.dumps(_stable(config or backbone.config.to_dict()), sort_keys=True, default=str).encode())
+    if parts is None:
+        h.update(json.dumps(sorted(backbone.tokenizer.get_vocab().items())).encode())
+    state = backbone.model.state_dict() if parts is None else {
+        f"{p}.{k}": v for p, module in parts.items() for k, v in module.state_dict().items()}
+    for name, tensor in state.items():
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no extra copy

@@ -7,9 +7,6 @@ Nothing is ever fetched from the hub (``local_files_only=True``).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..utils.io import read_json
+from ..utils.io import atomic_dir, read_json
 from .backbone import Backbone
 from .blip import BlipBackbone, SmallBlipConfig, SmallBlipForImageTextRetrieval
 from .clip import ClipBackbone, SmallClipConfig, SmallClipModel
@@ -115,22 +112,10 @@ def save_backbone(backbone: Backbone, path: str | Path) -> Path:
     Everything is written into a temporary folder next to ``path`` and renamed into place only
     once complete, so an interrupted save never replaces (or half-overwrites) a good folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         backbone.model.save_pretrained(tmp)
         backbone.tokenizer.save_pretrained(tmp)
         check_backbone_dir(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)  # keep the good copy until the new one is in place
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

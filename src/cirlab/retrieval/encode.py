@@ -31,7 +31,7 @@ def image_features(backbone, split: CIRSplit, transform: Callable, transform_nam
                    batch_size: int = 128) -> FeatureSet:
     """``embeds`` (and ``tokens`` when asked) of ``ids`` (default: :func:`split_image_ids`).
 
-    Keyed by the backbone's fingerprint, the preprocessing and the id list; images that are
+    Keyed by the fingerprint of the backbone's image side (:meth:`Backbone.image_fingerprint`), the preprocessing and the id list; images that are
     missing on disk raise, since a gallery with holes would silently change the metrics
     (filter them first with ``cirlab data check``).
     """
@@ -51,6 +51,6 @@ def image_features(backbone, split: CIRSplit, transform: Callable, transform_nam
             fields["tokens"] = out.tokens.float().cpu()
         return fields
 
-    key = {"backbone": backbone.fingerprint(), "transform": transform_name, "dataset": split.name,
+    key = {"backbone": backbone.image_fingerprint(), "transform": transform_name, "dataset": split.name,
            "fields": ["embeds", "tokens"] if tokens else ["embeds"]}
     return cached_features(cache_dir, key=key, ids=ids, encode=encode, batch_size=batch_size)

@@ -43,3 +43,26 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: float | torch.Tenso
     a_to_b = F.cross_entropy(logit_scale * a @ all_b.T, labels)
     b_to_a = F.cross_entropy(logit_scale * b @ all_a.T, labels)
     return 0.5 * (a_to_b + b_to_a)
+
+
+def reversed_sum_logits(
+    targets: torch.Tensor, back_text: torch.Tensor, refs: torch.Tensor, scale: float = 100.0, eps: float = 1e-12
+) -> torch.Tensor:
+    """Bi-BLIP4CIR stage I reversed logits ``[i, j] = scale * cos(T_j + t_i, R_i)`` (B, B).
+
+    Row i scores the composed queries "target j + backward text i" against reference i, so the
+    negatives vary the image, not the text; use with ``F.cross_entropy(logits, arange(B))``.
+    Inputs are raw (unnormalised) features, as in the official code, which sums the raw features
+    and then normalises. Instead of its B x B x d tensor this expands the norm and the dot product:
+    ``|T_j + t_i|^2 = |T_j|^2 + 2 t_i.T_j + |t_i|^2`` and ``(T_j + t_i).R_i = R_i.T_j + t_i.R_i``,
+    so memory is O(B^2). Norms are clamped at ``eps`` like ``F.normalize``. The expansion loses
+    relative precision only when ``|T_j + t_i|`` is tiny against ``|T_j|`` (near-cancelling pairs).
+
+    In-batch only: the negatives are this rank's own targets, so under DDP the loss is local
+    (no gather), exactly as in the single-GPU official code.
+    """
+    sq_norm = targets.pow(2).sum(-1) + 2 * back_text @ targets.T + back_text.pow(2).sum(-1, keepdim=True)
+    dot = refs @ targets.T + (back_text * refs).sum(-1, keepdim=True)
+    # sqrt(max(x, eps^2)) == max(sqrt(x), eps), and its gradient stays finite where clamped.
+    norm = sq_norm.clamp_min(eps**2).sqrt() * refs.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return scale * dot / norm
