@@ -46,13 +46,30 @@ def evaluate(args: argparse.Namespace) -> int:
     categories = cfg.data.categories if cfg.data.dataset == "fashioniq" else None
     splits = load_splits(cfg.data.dataset, cfg.data.root, cfg.evaluation.split, categories=categories)
     method = importlib.import_module(METHODS[name])
-    per_split = [method.evaluate(cfg, backbone, split) for split in splits]  # FashionIQ: one per category
-    results = {row: combine_splits(splits, [r[row] for r in per_split]) for row in per_split[0]}
     run = RunDir.create(cfg, args.run_dir)
+    if not any(s.has_targets for s in splits):  # a test split: write the server's files instead
+        return _predict(method, cfg, backbone, splits, run.path)
+    # FashionIQ: one split per category
+    per_split = [method.evaluate(cfg, backbone, split, out=run.path) for split in splits]
+    results = {row: combine_splits(splits, [r[row] for r in per_split]) for row in per_split[0]}
     atomic_write_json(run.path / "metrics.json", results, indent=1)
     for split in splits:
         print(f"{split.name}: {len(split.queries)} queries, {len(split.gallery)} images")
     print(f"backbone {cfg.model.backbone}")
     print(format_table(results))
     print(f"metrics: {run.path / 'metrics.json'}")
+    return 0
+
+
+def _predict(method, cfg, backbone, splits, out: Path) -> int:
+    """CIRR test1 (no targets): one pair of submission files per result row, named <name>-<row>."""
+    from cirlab.evaluation.submission import write_cirr_submission
+
+    if cfg.data.dataset != "cirr" or not hasattr(method, "predict"):
+        raise ValueError(f"{cfg.data.dataset}/{cfg.evaluation.split} has no targets to score, and test "
+                         f"submissions are written for CIRR by methods with predict() only")
+    for row, (ranked, subset) in method.predict(cfg, backbone, splits[0], out=out).items():
+        for path in write_cirr_submission(out, f"{cfg.name}-{row}".replace("+", "_").replace("@", "at"),
+                                          ranked, subset, split=splits[0]):
+            print(f"wrote {path}")
     return 0

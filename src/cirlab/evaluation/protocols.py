@@ -158,15 +158,20 @@ def _named(split: CIRSplit, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{category}/{name}": v for name, v in metrics.items()}
 
 
-def evaluate_similarity(split: CIRSplit, sim: Tensor) -> dict[str, float]:
-    """Score a ``[queries, gallery]`` similarity matrix (rows/columns in split order)."""
+def evaluate_similarity(split: CIRSplit, sim: Tensor, subset_sim: Tensor | None = None) -> dict[str, float]:
+    """Score a ``[queries, gallery]`` similarity matrix (rows/columns in split order).
+
+    ``subset_sim`` ranks the member sets (Rs@K) instead of ``sim`` where they differ, e.g. a
+    re-ranker that scores every member directly but only the top K of the whole gallery."""
     expected = (len(split.queries), len(split.gallery))
-    if tuple(sim.shape) != expected:
-        raise ValueError(f"{split.name}: similarity has shape {tuple(sim.shape)}, expected {expected} "
-                         "(queries x gallery)")
+    for name, m in (("similarity", sim), ("subset similarity", subset_sim)):
+        if m is not None and tuple(m.shape) != expected:
+            raise ValueError(f"{split.name}: {name} has shape {tuple(m.shape)}, expected {expected} "
+                             "(queries x gallery)")
     index = index_split(split)
     ranking = rank_gallery(sim, protocol_for(split).depth, index.exclude)
-    subset = rank_subset(sim, index.members, index.exclude) if index.members is not None else None
+    subset_sim = sim if subset_sim is None else subset_sim
+    subset = rank_subset(subset_sim, index.members, index.exclude) if index.members is not None else None
     return _score(split, index, ranking, subset)
 
 

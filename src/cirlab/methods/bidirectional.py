@@ -31,13 +31,12 @@ from torch import nn
 from cirlab.config import ExperimentConfig, Strict, validate
 from cirlab.data.base import CIRSplit, Query
 from cirlab.data.fashioniq import fiq_train_forms
-from cirlab.data.registry import load_split, load_splits
 from cirlab.data.torch_data import FeatureTriplets, default_text
-from cirlab.data.transforms import build_transform
 from cirlab.evaluation.protocols import combine_splits, evaluate_similarity
+from cirlab.evaluation.submission import rankings_from_similarity
+from cirlab.methods.common import diagonal_ce, image_table, method_splits, triplet_ids
 from cirlab.models import Backbone, BlipBackbone, add_tokens, load_backbone, save_backbone
 from cirlab.models.combiner import Combiner, load_combiner, save_combiner
-from cirlab.retrieval.encode import image_features
 from cirlab.training.losses import info_nce, reversed_sum_logits
 from cirlab.utils.progress import progress
 
@@ -142,10 +141,6 @@ def _rows(ids: list[str]) -> dict[str, int]:
     return {i: k for k, i in enumerate(ids)}
 
 
-def _ce(logits: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
-
-
 class TextStage(nn.Module):
     """Stage I: the text encoder and ``text_proj`` train, everything else is frozen."""
 
@@ -171,7 +166,7 @@ class TextStage(nn.Module):
         out = {"loss": forward, "loss_forward": forward.detach()}
         if self.cfg.reverse_weight > 0:
             back = self.encode_text(batch["back_text"])
-            reverse = _ce(reversed_sum_logits(tgt, back, ref, self.cfg.logit_scale))
+            reverse = diagonal_ce(reversed_sum_logits(tgt, back, ref, self.cfg.logit_scale))
             out.update(loss=forward + self.cfg.reverse_weight * reverse, loss_reversed=reverse.detach())
         return out
 
@@ -202,7 +197,7 @@ class CombinerStage(nn.Module):
         forward = info_nce(self.combiner(ref, self._texts(batch["text"])), tgt, self.cfg.logit_scale)
         out = {"loss": forward, "loss_forward": forward.detach()}
         if self.cfg.reverse_weight > 0:
-            reverse = _ce(self.combiner.pair_logits(tgt, self._texts(batch["back_text"]), ref))
+            reverse = diagonal_ce(self.combiner.pair_logits(tgt, self._texts(batch["back_text"]), ref))
             out.update(loss=forward + self.cfg.reverse_weight * reverse, loss_reversed=reverse.detach())
         return out
 
@@ -213,10 +208,10 @@ Compose = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
 @torch.no_grad()
-def evaluate_composed(compose: Compose, split: CIRSplit, embeds: torch.Tensor, rows: dict[str, int], *,
-                      forward: bool, cfg: BiConfig, batch_size: int = 256) -> dict[str, float]:
-    """Score queries composed by ``compose(reference embeds, texts)`` against the normalised
-    gallery embeddings. ``forward=False`` marks the texts as backward (backward retrieval)."""
+def composed_similarity(compose: Compose, split: CIRSplit, embeds: torch.Tensor, rows: dict[str, int], *,
+                        forward: bool, cfg: BiConfig, batch_size: int = 256) -> torch.Tensor:
+    """(Q, N) similarities of queries composed by ``compose(reference embeds, texts)`` to the
+    normalised gallery embeddings. ``forward=False`` marks the texts as backward (backward retrieval)."""
     gallery = F.normalize(embeds[[rows[i] for i in split.gallery]], dim=-1)
     queries = []
     for s in range(0, len(split.queries), batch_size):
@@ -224,32 +219,13 @@ def evaluate_composed(compose: Compose, split: CIRSplit, embeds: torch.Tensor, r
         texts = [backward_query_text(q, cfg, lambda q: default_text(q, False)) if not forward
                  else with_direction(default_text(q, False), True, cfg.direction) for q in chunk]
         queries.append(compose(embeds[[rows[q.reference] for q in chunk]].to(gallery.device), texts))
-    return evaluate_similarity(split, torch.cat(queries) @ gallery.T)
+    return torch.cat(queries) @ gallery.T
 
 
-def _splits(cfg: ExperimentConfig, split: str) -> list[CIRSplit]:
-    categories = cfg.data.categories if cfg.data.dataset == "fashioniq" else None
-    return load_splits(cfg.data.dataset, cfg.data.root, split, categories=categories)
-
-
-def _image_table(backbone: Backbone, splits: list[CIRSplit], cfg: ExperimentConfig,
-                 ids_of: Callable[[CIRSplit], list[str]] | None = None) -> tuple[torch.Tensor, dict[str, int]]:
-    """(embeds, id -> row) of the images the splits need, through the feature cache."""
-    transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
-    name = f"{cfg.data.transform}-{cfg.data.target_ratio}-{backbone.image_size}"
-    embeds, rows, offset = [], {}, 0
-    for split in splits:
-        feats = image_features(backbone, split, transform, name, ids=ids_of(split) if ids_of else None,
-                               batch_size=cfg.evaluation.batch_size)
-        for k, i in enumerate(feats.ids):
-            rows.setdefault(i, offset + k)
-        embeds.append(feats["embeds"].float())
-        offset += len(feats)
-    return torch.cat(embeds), rows
-
-
-def _triplet_ids(split: CIRSplit) -> list[str]:
-    return list(dict.fromkeys(i for q in split.queries for i in (q.reference, q.target) if i is not None))
+def evaluate_composed(compose: Compose, split: CIRSplit, embeds: torch.Tensor, rows: dict[str, int], *,
+                      forward: bool, cfg: BiConfig, batch_size: int = 256) -> dict[str, float]:
+    return evaluate_similarity(split, composed_similarity(compose, split, embeds, rows, forward=forward, cfg=cfg,
+                                                          batch_size=batch_size))
 
 
 def evaluate_rows(compose: Compose, splits: list[CIRSplit], embeds: torch.Tensor, rows: dict[str, int],
@@ -278,10 +254,12 @@ def build(cfg: ExperimentConfig):
         raise ValueError("method bidirectional: model.backbone must name a BLIP folder "
                          "(stage text: the pretrained BLIP; stage combiner: the stage-I export)")
     backbone = prepare_backbone(load_backbone(cfg.model.backbone, kind=cfg.model.kind), bcfg)
-    train_splits = _splits(cfg, cfg.data.train_split)
-    val_splits = _splits(cfg, cfg.data.val_split)
-    embeds, rows = _image_table(backbone, train_splits, cfg, _triplet_ids)
-    val_embeds, val_rows = _image_table(backbone, val_splits, cfg)
+    train_splits = method_splits(cfg, cfg.data.train_split)
+    val_splits = method_splits(cfg, cfg.data.val_split)
+    table, rows = image_table(backbone, train_splits, cfg, triplet_ids)
+    embeds = table["embeds"]
+    val_table, val_rows = image_table(backbone, val_splits, cfg)
+    val_embeds = val_table["embeds"]
     back = (lambda q: backward_query_text(q, bcfg, _training_draw)) if bcfg.reverse_weight > 0 else None
     forward = lambda q: with_direction(_training_draw(q), True, bcfg.direction)  # noqa: E731
     datasets = [FeatureTriplets(s, rows, forward, back) for s in train_splits]
@@ -317,18 +295,32 @@ def export(model: nn.Module, run) -> Path:
     return save_combiner(model.combiner, run.path / "combiner", backbone=model.backbone_path)
 
 
-def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit) -> dict[str, dict[str, float]]:
-    """``cirlab eval``: stage I scores normalize(R + t) with ``model.backbone`` (a stage-I export);
-    stage II loads ``method.combiner`` too."""
+def _eval_compose(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit):
     bcfg = validate(BiConfig, cfg.method, "method")
     backbone = prepare_backbone(backbone, bcfg)
-    embeds, rows = _image_table(backbone, [split], cfg)
+    table, rows = image_table(backbone, [split], cfg)
+    embeds = table["embeds"]
     if bcfg.stage == "text":
-        stage = TextStage(backbone, embeds, bcfg).eval()
-        compose = stage.compose
+        compose = TextStage(backbone, embeds, bcfg).eval().compose
     else:
         if not bcfg.combiner:
             raise ValueError("method.combiner: stage combiner needs the exported combiner folder of a stage-II run")
         combiner = load_combiner(bcfg.combiner).eval()
         compose = lambda ref, texts: combiner(ref, encode_texts(backbone, texts, max_length=bcfg.max_text_length))  # noqa: E731
+    return bcfg, compose, embeds, rows
+
+
+def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,
+             out: Path | None = None) -> dict[str, dict[str, float]]:
+    """``cirlab eval``: stage I scores normalize(R + t) with ``model.backbone`` (a stage-I export);
+    stage II loads ``method.combiner`` too."""
+    bcfg, compose, embeds, rows = _eval_compose(cfg, backbone, split)
     return evaluate_rows(compose, [split], embeds, rows, bcfg, cfg.evaluation.batch_size)
+
+
+def predict(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,
+            out: Path | None = None) -> dict[str, tuple[dict[str, list[str]], dict[str, list[str]] | None]]:
+    """Forward rankings of a split without targets (CIRR test1), for the submission files."""
+    bcfg, compose, embeds, rows = _eval_compose(cfg, backbone, split)
+    sim = composed_similarity(compose, split, embeds, rows, forward=True, cfg=bcfg, batch_size=cfg.evaluation.batch_size)
+    return {"forward": rankings_from_similarity(split, sim)}

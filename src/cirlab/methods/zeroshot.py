@@ -12,6 +12,8 @@ Gallery side: normalize(image embedding) for every mode. Scored with the dataset
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from typing import Literal
 
 import torch
@@ -67,7 +69,8 @@ def composed_similarity(backbone: Backbone, split: CIRSplit, modes: list[str], *
     return {m: torch.cat(qs) @ gallery.T for m, qs in queries.items()}
 
 
-def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit) -> dict[str, dict[str, float]]:
+def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,
+             out: Path | None = None) -> dict[str, dict[str, float]]:
     """Metrics of every configured mode on ``split``."""
     zcfg = validate(ZeroShotConfig, cfg.method, "method")
     transform_name = f"{cfg.data.transform}-{cfg.data.target_ratio}-{backbone.image_size}"
