@@ -68,7 +68,8 @@ def bidirectional(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]
         for name, sets in stage1.items():
             tag = name.replace(" ", "_").replace(",", "").replace("=", "")
             model = run_train(bi / "shapes_text.yaml", args.out / f"text-{tag}-s{seed}",
-                              [*base, f"model.backbone={args.backbone}", f"seed={seed}", *sets], "backbone")
+                              [*base, f"model.backbone={args.backbone}", f"seed={seed}", *sets, *args.stage1_set],
+                              "backbone")
             m = run_eval(bi / "shapes_text.yaml", args.out / f"eval-text-{tag}-s{seed}",
                          [*base, f"model.backbone={model}", *sets])
             row = {**m["forward"], **{f"back R@{k}": m["backward"][f"R@{k}"] for k in (1, 5)}}
@@ -76,8 +77,8 @@ def bidirectional(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]
         stage1_bi = args.out / f"text-w0.4-s{seed}" / "backbone"
         for w in (0.0, 0.5):
             combiner = run_train(bi / "shapes_combiner.yaml", args.out / f"combiner-w{w}-s{seed}",
-                                 [*base, f"model.backbone={stage1_bi}", f"seed={seed}", f"method.reverse_weight={w}"],
-                                 "combiner")
+                                 [*base, f"model.backbone={stage1_bi}", f"seed={seed}", f"method.reverse_weight={w}",
+                                  *args.stage2_set], "combiner")
             m = run_eval(bi / "shapes_combiner.yaml", args.out / f"eval-combiner-w{w}-s{seed}",
                          [*base, f"model.backbone={stage1_bi}", f"method.combiner={combiner}"])
             row = {**m["forward"], **{f"back R@{k}": m["backward"][f"R@{k}"] for k in (1, 5)}}
@@ -118,11 +119,11 @@ def rerank(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     out: dict[str, list[dict[str, float]]] = {}
     for seed in args.seeds:
         filt = run_train(rr / "shapes_filter.yaml", args.out / f"filter-s{seed}",
-                         [*base, f"model.backbone={args.backbone}", f"seed={seed}"], "backbone")
+                         [*base, f"model.backbone={args.backbone}", f"seed={seed}", *args.stage1_set], "backbone")
         for merge in ("official", "average"):
             reranker = run_train(rr / "shapes_reranker.yaml", args.out / f"reranker-{merge}-s{seed}",
                                  [*base, f"model.backbone={filt}", f"method.reranker_init={args.backbone}",
-                                  f"seed={seed}", f"method.merge={merge}", *args.reranker_set], "reranker")
+                                  f"seed={seed}", f"method.merge={merge}", *args.stage2_set], "reranker")
             m = run_eval(rr / "shapes_reranker.yaml", args.out / f"eval-reranker-{merge}-s{seed}",
                          [*base, f"model.backbone={filt}", f"method.reranker={reranker}",
                           f"method.eval_ks=[{','.join(map(str, args.ks))}]", "method.fusion=true",
@@ -146,7 +147,8 @@ def cli() -> None:
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.4, 1.0])
     p.add_argument("--ks", type=int, nargs="+", default=[10, 50, 100])
     p.add_argument("--eval-queries", type=int, default=500)
-    p.add_argument("--reranker-set", nargs="*", default=[], help="extra overrides of the reranker training")
+    p.add_argument("--stage1-set", nargs="*", default=[], help="extra overrides of every stage-I training")
+    p.add_argument("--stage2-set", nargs="*", default=[], help="extra overrides of every stage-II training")
     args = p.parse_args()
     args.out = args.out or Path(f"runs/ablation-{args.method}")
     results = (bidirectional if args.method == "bidirectional" else rerank)(args)

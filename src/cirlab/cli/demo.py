@@ -108,12 +108,12 @@ def demo(args: argparse.Namespace) -> int:
         return 1
     reranker = train("re-ranking stage II: the dual-encoder re-ranker", rr / "shapes_reranker.yaml",
                      "rerank-reranker", "reranker", f"model.backbone={filt}", f"method.reranker_init={backbone}")
-    if reranker is None or not evaluate("re-ranking stage II on shapes test (first 500 queries)",
+    if reranker is None or not evaluate("re-ranking stage II on shapes test (first 200 queries)",
                                         rr / "shapes_reranker.yaml", "rerank-reranker", f"model.backbone={filt}",
                                         f"method.reranker={reranker}"):
         return 1
 
-    _step("every row on shapes test (rerank-reranker rows: the first 500 queries)")
+    _step("every row on shapes test (rerank-reranker rows: the first 200 queries)")
     print(format_table(rows))
     atomic_write_json(args.out / "demo_metrics.json", rows, indent=1)
     _step(f"done in {time.perf_counter() - start:.0f} s; table: {args.out / 'demo_metrics.json'}; "
