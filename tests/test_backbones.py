@@ -103,9 +103,14 @@ def test_image_fingerprint_ignores_the_text_side(name):
         bb.text_proj.weight[0, 0] += 1e-3
     add_tokens(bb, ["[FORWARD]"])
     assert bb.image_fingerprint() == first
+    tokens_only = bb.image_fingerprint(projection=False)
     with torch.no_grad():
         bb.vision_proj.weight[0, 0] += 1e-3
     assert bb.image_fingerprint() != first
+    assert bb.image_fingerprint(projection=False) == tokens_only  # token sequences do not use vision_proj
+    with torch.no_grad():
+        next(bb.vision_model.parameters()).view(-1)[0] += 1e-3
+    assert bb.image_fingerprint(projection=False) != tokens_only
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,18 @@ def triplet_ids(split: CIRSplit) -> list[str]:
 def image_table(backbone: Backbone, splits: list[CIRSplit], cfg: ExperimentConfig,
                 ids_of: Callable[[CIRSplit], list[str]] | None = None,
                 tokens: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """``({"embeds": (N, d)[, "tokens": (N, L, h)]}, id -> row)`` of the images the splits need,
-    through the feature cache (each image encoded once per backbone and preprocessing)."""
+    """``({"embeds": (N, d)}, id -> row)`` of the images the splits need, or with ``tokens``
+    ``({"tokens": (N, L, h)}, ...)``, through the feature cache (each image encoded once per
+    image tower and preprocessing)."""
     transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
     name = f"{cfg.data.transform}-{cfg.data.target_ratio}-{backbone.image_size}"
-    fields = ["embeds", "tokens"] if tokens else ["embeds"]
+    fields = ["tokens"] if tokens else ["embeds"]
     parts: dict[str, list[torch.Tensor]] = {f: [] for f in fields}
     rows: dict[str, int] = {}
     offset = 0
     for split in splits:
         feats = image_features(backbone, split, transform, name, ids=ids_of(split) if ids_of else None,
-                               tokens=tokens, batch_size=cfg.evaluation.batch_size)
+                               tokens=tokens, embeds=not tokens, batch_size=cfg.evaluation.batch_size)
         for k, i in enumerate(feats.ids):
             rows.setdefault(i, offset + k)
         for f in fields:

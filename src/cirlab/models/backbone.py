@@ -106,11 +106,14 @@ class Backbone(nn.Module):
     def fingerprint(self) -> str:
         return fingerprint(self)
 
-    def image_fingerprint(self) -> str:
+    def image_fingerprint(self, projection: bool = True) -> str:
         """Fingerprint of what image features depend on: the vision config, the image tower and
-        its projection. Fine-tuning the text side (Bi-BLIP4CIR, re-ranking, RTD) keeps it, so
-        cached image features stay valid across those methods' runs and exports."""
-        parts = {"vision_model": self.vision_model, "vision_proj": self.vision_proj}
+        (for projected embeddings) its projection. Fine-tuning the text side (Bi-BLIP4CIR, RTD)
+        keeps it, so cached image features stay valid across those methods' runs and exports;
+        token sequences (``projection=False``) also survive a trained ``vision_proj`` (re-ranking)."""
+        parts = {"vision_model": self.vision_model}
+        if projection:
+            parts["vision_proj"] = self.vision_proj
         return fingerprint(self, config=self.config.vision_config.to_dict(), parts=parts)
 
 

@@ -27,9 +27,10 @@ def split_image_ids(split: CIRSplit) -> list[str]:
 
 
 def image_features(backbone, split: CIRSplit, transform: Callable, transform_name: str, *,
-                   ids: list[str] | None = None, tokens: bool = False, cache_dir: str | Path = DEFAULT_CACHE,
-                   batch_size: int = 128) -> FeatureSet:
-    """``embeds`` (and ``tokens`` when asked) of ``ids`` (default: :func:`split_image_ids`).
+                   ids: list[str] | None = None, tokens: bool = False, embeds: bool = True,
+                   cache_dir: str | Path = DEFAULT_CACHE, batch_size: int = 128) -> FeatureSet:
+    """``embeds`` and/or ``tokens`` of ``ids`` (default: :func:`split_image_ids`). A tokens-only
+    set does not depend on the image projection, so it is keyed without it.
 
     Keyed by the fingerprint of the backbone's image side (:meth:`Backbone.image_fingerprint`), the preprocessing and the id list; images that are
     missing on disk raise, since a gallery with holes would silently change the metrics
@@ -46,11 +47,16 @@ def image_features(backbone, split: CIRSplit, transform: Callable, transform_nam
     def encode(batch_ids: list[str]) -> dict[str, torch.Tensor]:
         pixels = torch.stack([transform(load_image(paths[i])) for i in batch_ids]).to(backbone.device)
         out = backbone.encode_image(pixels)
-        fields = {"embeds": out.embeds.float().cpu()}
+        fields = {}
+        if embeds:
+            fields["embeds"] = out.embeds.float().cpu()
         if tokens:
             fields["tokens"] = out.tokens.float().cpu()
         return fields
 
-    key = {"backbone": backbone.image_fingerprint(), "transform": transform_name, "dataset": split.name,
-           "fields": ["embeds", "tokens"] if tokens else ["embeds"]}
+    names = [f for f, on in (("embeds", embeds), ("tokens", tokens)) if on]
+    if not names:
+        raise ValueError("image_features: ask for embeds, tokens or both")
+    key = {"backbone": backbone.image_fingerprint(projection=embeds), "transform": transform_name,
+           "dataset": split.name, "fields": names}
     return cached_features(cache_dir, key=key, ids=ids, encode=encode, batch_size=batch_size)
