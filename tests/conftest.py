@@ -46,3 +46,28 @@ def tiny_pretrained_blip(tiny_shapes, tmp_path_factory):
 
 
 PRETRAIN_EPOCHS = 25
+
+
+@pytest.fixture(scope="session")
+def cirr_test1(tmp_path_factory):
+    """``(root, queries)``: a CIRR layout with only test1 (no targets), 56 noise images, 4 queries
+    with 6-member sets: what a test submission is written from."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cirr") / "cirr_dataset"
+    rng = np.random.default_rng(0)
+    images = {}
+    for i in range(56):
+        path = root / "test1" / f"t{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        images[f"t{i}"] = f"./test1/t{i}.png"
+    queries = [{"pairid": 100 + q, "reference": f"t{6 * q}", "caption": "make it blue",
+                "img_set": {"id": q, "members": [f"t{6 * q + j}" for j in range(6)]}} for q in range(4)]
+    for sub, name, obj in (("captions", "cap", queries), ("image_splits", "split", images)):
+        (root / "cirr" / sub).mkdir(parents=True, exist_ok=True)
+        (root / "cirr" / sub / f"{name}.rc2.test1.json").write_text(json.dumps(obj))
+    return root, queries

@@ -137,3 +137,16 @@ def test_combiner_stage_learns_to_compose():
     assert (last < 0.1 * first).all()
     after = accuracies()
     assert max(before) < 15 and min(after) > 90  # chance 1/32, plus the odd fixed point of perm_m
+
+
+def test_cirr_test_submission_of_stage_one(cirr_test1, tiny_pretrained_blip, tmp_path, monkeypatch):
+    """``cirlab eval`` of a Bi-BLIP4CIR model on CIRR test1 writes the server files."""
+    from test_rerank import check_cirr_submission
+
+    monkeypatch.chdir(tmp_path)
+    root, queries = cirr_test1
+    out = tmp_path / "submission"
+    assert main(["eval", "--config", str(CONFIG_ROOT / "bidirectional" / "cirr_text.yaml"), "--run-dir", str(out),
+                 "--set", f"data.root={root}", "--set", "evaluation.split=test1", "--set", "data.image_size=64",
+                 "--set", f"model.backbone={tiny_pretrained_blip}", "--set", "model.kind=blip"]) == 0
+    check_cirr_submission(out, "bi-cirr-text-forward", queries)

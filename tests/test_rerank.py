@@ -101,29 +101,13 @@ def _tokens(backbone_dir, split, cfg):
     return table["tokens"], rows
 
 
-def test_cirr_test_submission_from_the_reranked_lists(tiny_pretrained_blip, tmp_path, monkeypatch):
+def test_cirr_test_submission_from_the_reranked_lists(cirr_test1, tiny_pretrained_blip, tmp_path, monkeypatch):
     """``cirlab eval`` on CIRR test1 (no targets) writes the two server files of every row."""
-    import numpy as np
-    from PIL import Image
-
     from cirlab.models import load_backbone
     from cirlab.models.dual_encoder import save_reranker
 
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "cirr_dataset"
-    rng = np.random.default_rng(0)
-    images = {}
-    for i in range(56):
-        path = root / "test1" / f"t{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
-        images[f"t{i}"] = f"./test1/t{i}.png"
-    queries = [{"pairid": 100 + q, "reference": f"t{6 * q}", "caption": "make it blue",
-                "img_set": {"id": q, "members": [f"t{6 * q + j}" for j in range(6)]}} for q in range(4)]
-    (root / "cirr" / "captions").mkdir(parents=True)
-    (root / "cirr" / "image_splits").mkdir(parents=True)
-    (root / "cirr" / "captions" / "cap.rc2.test1.json").write_text(json.dumps(queries))
-    (root / "cirr" / "image_splits" / "split.rc2.test1.json").write_text(json.dumps(images))
+    root, queries = cirr_test1
     blip = load_backbone(tiny_pretrained_blip)
     reranker = save_reranker(rerank.DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id),
                              tmp_path / "reranker", backbone=tiny_pretrained_blip)
@@ -132,11 +116,15 @@ def test_cirr_test_submission_from_the_reranked_lists(tiny_pretrained_blip, tmp_
                  "--set", f"data.root={root}", "--set", "evaluation.split=test1", "--set", "data.image_size=64",
                  "--set", f"model.backbone={tiny_pretrained_blip}", "--set", f"method.reranker={reranker}",
                  "--set", "model.kind=blip"]) == 0
-    recall = json.loads((out / "recall_submission_rerank-cirr-reranker-rerankat50.json").read_text())
-    subset = json.loads((out / "recall_subset_submission_rerank-cirr-reranker-rerankat50.json").read_text())
+    check_cirr_submission(out, "rerank-cirr-reranker-rerankat50", queries)
+    assert (out / "recall_submission_rerank-cirr-reranker-stage1.json").is_file()
+
+
+def check_cirr_submission(out, name, queries):
+    recall = json.loads((out / f"recall_submission_{name}.json").read_text())
+    subset = json.loads((out / f"recall_subset_submission_{name}.json").read_text())
     assert recall["version"] == "rc2" and subset["metric"] == "recall_subset"
     for q in queries:
         ranked, members = recall[str(q["pairid"])], subset[str(q["pairid"])]
         assert len(ranked) == 50 and q["reference"] not in ranked and len(set(ranked)) == 50
         assert len(members) == 3 and set(members) <= set(q["img_set"]["members"]) - {q["reference"]}
-    assert (out / "recall_submission_rerank-cirr-reranker-stage1.json").is_file()
