@@ -55,7 +55,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     results = []
     for k in args.ks:
-        cand, _ = rerank._candidates(split, sim, k, rcfg, backbone)
+        cand, _ = rerank._candidates(split, sim, k, rcfg)
         warm = max(1, args.chunk_size // k)  # one call's worth of queries
         rerank.rerank_scores(reranker, backbone, rerank._first_queries(split, warm), tokens, rows, cand[:warm], rcfg)
         start = time.perf_counter()

@@ -118,8 +118,9 @@ def filter_similarity(backbone: BlipBackbone, split: CIRSplit, tokens: torch.Ten
     return torch.cat(sims)
 
 
-def export_topk(split: CIRSplit, sim: torch.Tensor, k: int, backbone: Backbone) -> TopK:
-    """The top-K file content of a stage-I similarity (reference excluded where the protocol says)."""
+def export_topk(split: CIRSplit, sim: torch.Tensor, k: int, fingerprint: str = "") -> TopK:
+    """The top-K file content of a stage-I similarity (reference excluded where the protocol says);
+    ``fingerprint`` names the filter in the file (hashing its weights is only worth it for a file)."""
     exclude = None
     if split.exclude_reference:
         index = index_split(split, require_targets=False)
@@ -127,7 +128,7 @@ def export_topk(split: CIRSplit, sim: torch.Tensor, k: int, backbone: Backbone) 
     available = len(split.gallery) - int(exclude is not None)
     return topk_from_similarity(sim, [q.qid for q in split.queries], split.gallery, min(k, available),
                                 exclude=exclude, dataset=split.dataset, split=split.name,
-                                backbone=backbone.fingerprint())
+                                backbone=fingerprint)
 
 
 # -- stage II: the dual-encoder re-ranker -------------------------------------------------------------
@@ -188,11 +189,10 @@ def reranked_similarity(sim: torch.Tensor, candidates: torch.Tensor, scores: tor
     return out
 
 
-def _candidates(split: CIRSplit, sim: torch.Tensor, k: int, cfg: RerankConfig,
-                backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidates(split: CIRSplit, sim: torch.Tensor, k: int, cfg: RerankConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(gallery indices (Q, k), stage-I scores (Q, k)): from ``method.topk`` when given, else from ``sim``."""
     if cfg.topk is None:
-        topk = export_topk(split, sim, k, backbone)
+        topk = export_topk(split, sim, k)
     else:
         topk = load_topk(cfg.topk)
         qids = [q.qid for q in split.queries]
@@ -228,7 +228,7 @@ def rerank_rows(reranker: DualEncoderReranker, filter_backbone: BlipBackbone, sp
     ``rerank@K+fusion``). The top max(K) is scored once; a smaller K re-sorts its first K."""
     sim = filter_similarity(filter_backbone, split, tokens, rows, cfg, batch_size)
     ks = sorted(set(cfg.eval_ks or [cfg.k]))
-    cand, stage1 = _candidates(split, sim, max(ks), cfg, filter_backbone)
+    cand, stage1 = _candidates(split, sim, max(ks), cfg)
     scores = rerank_scores(reranker, filter_backbone, split, tokens, rows, cand, cfg)
     members = _subset_candidates(split)
     member_scores = None
@@ -340,7 +340,7 @@ def _similarities(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,
         sim = filter_similarity(backbone, split, tokens, rows, rcfg, cfg.evaluation.batch_size)
         if out is not None:
             path = Path(out) / f"topk_{split.name.replace('/', '_')}.pt"
-            save_topk(path, export_topk(split, sim, rcfg.export_k, backbone))
+            save_topk(path, export_topk(split, sim, rcfg.export_k, backbone.fingerprint()))
             print(f"top-{min(rcfg.export_k, len(split.gallery))} candidates: {path}")
         return split, {"filter": (sim, None)}
     return split, rerank_rows(_load_reranker(rcfg), backbone, split, tokens, rows, rcfg, cfg.evaluation.batch_size)
