@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from cirlab.config import ExperimentConfig
-from cirlab.training import RunDir, Trainer, load_checkpoint, load_model_state, save_checkpoint
+from cirlab.training import RunDir, Trainer, engine, load_checkpoint, load_model_state, save_checkpoint
+from cirlab.training.engine import cpu_has_native_bf16
 from cirlab.training.schedule import cosine_epoch_lr, cosine_step_lr, lr_at
 from cirlab.utils.seed import preserve_rng, rng_state, set_rng_state
 
@@ -135,6 +136,21 @@ def test_resume_is_exact_on_cuda_with_bf16_autocast(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path)  # precision auto: bf16 autocast on CUDA
     resumed = check_resume(tmp_path, cfg, 9, (1, 3))
     assert next(resumed.parameters()).is_cuda
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="needs a CPU with native bf16")
+def test_resume_is_exact_on_cpu_with_bf16_autocast(tmp_path):
+    check_resume(tmp_path, make_cfg(tmp_path, precision="bf16"), 9, (1, 3))
+
+
+def test_bf16_on_a_cpu_without_native_bf16_falls_back_to_fp32(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert not engine.use_bf16("bf16", cpu)
+    assert not engine.use_bf16("auto", cpu)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert engine.use_bf16("bf16", cpu) and not engine.use_bf16("fp32", cpu)
 
 
 def check_resume(tmp_path: Path, cfg: ExperimentConfig, stop: int, position: tuple[int, int]) -> nn.Module:

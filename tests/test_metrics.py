@@ -23,6 +23,7 @@ from cirlab.evaluation.submission import (
     write_cirr_submission,
     write_fashioniq_predictions,
 )
+from cirlab.retrieval.similarity import dot_similarity
 
 
 def make_split(dataset, queries, gallery, exclude):
@@ -414,3 +415,14 @@ def test_reader_errors_name_file_and_key(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as e:
         read_predictions(path, qids=["1", "2"])
     assert str(path) in str(e.value)
+
+
+def test_dot_similarity_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    q, g = torch.randn(8, 64), torch.randn(50, 64)
+    g[1] = g[0] + 1e-3 * torch.randn(64)  # a near duplicate: bf16 cannot tell the two apart
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coarse, sim = q @ g.T, dot_similarity(q, g)
+    assert coarse.dtype == torch.bfloat16 and sim.dtype == torch.float32
+    assert torch.equal(sim, q @ g.T)
+    assert (sim[:, 0] != sim[:, 1]).all() and (coarse[:, 0] == coarse[:, 1]).float().mean() > 0.5

@@ -55,9 +55,10 @@ def demo(args: argparse.Namespace) -> int:
     else:
         resume = (blip / "config.yaml").is_file()  # an earlier demo stopped part-way: continue it
         _step(("resuming" if resume else "pretraining") + f" the small BLIP on scene captions into {blip}")
-        cmd = ["pretrain", "--config", str(CONFIG_ROOT / "pretrain" / "shapes_blip.yaml"), "--run-dir", str(blip),
-               "--set", f"data.root={data}", "--set", f"seed={args.seed}"]
-        if cirlab(cmd + (["--resume"] if resume else [])):
+        cmd = ["pretrain", "--run-dir", str(blip)] + (["--resume"] if resume else [
+            "--config", str(CONFIG_ROOT / "pretrain" / "shapes_blip.yaml"), "--set", f"data.root={data}",
+            "--set", f"seed={args.seed}"])
+        if cirlab(cmd):
             return 1
 
     backbone = blip / "backbone"

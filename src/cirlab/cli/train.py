@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, help_text in (("pretrain", "pretrain a small backbone on shapes scene captions"),
                             ("train", "train a method")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", required=True, type=Path)
+        p.add_argument("--config", type=Path, help="experiment YAML (not with --resume: the run's own config.yaml is used)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set trainer.epochs=3")
         p.add_argument("--run-dir", type=Path, help="run directory (default: <trainer.output_dir>/<name>-<time>)")
@@ -32,8 +32,12 @@ def train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.run_dir is None:
             raise ValueError("--resume needs --run-dir (the run to continue)")
+        if args.config or args.overrides:
+            raise ValueError("--resume continues with the run's own config.yaml; drop --config and --set")
         run = RunDir.open(args.run_dir)
         cfg = run.load_config()
+    elif args.config is None:
+        raise ValueError("--config is required (or --resume --run-dir DIR to continue a run)")
     else:
         run, cfg = None, load_config(args.config, args.overrides)
     name = cfg.method.get("name", "pretrain" if args.command == "pretrain" else None)

@@ -37,6 +37,7 @@ from cirlab.evaluation.submission import rankings_from_similarity
 from cirlab.methods.common import diagonal_ce, image_table, method_splits, triplet_ids
 from cirlab.models import Backbone, BlipBackbone, add_tokens, load_backbone, save_backbone
 from cirlab.models.combiner import Combiner, load_combiner, save_combiner
+from cirlab.retrieval.similarity import dot_similarity
 from cirlab.training.losses import info_nce, reversed_sum_logits
 from cirlab.utils.progress import progress
 
@@ -219,7 +220,7 @@ def composed_similarity(compose: Compose, split: CIRSplit, embeds: torch.Tensor,
         texts = [backward_query_text(q, cfg, lambda q: default_text(q, False)) if not forward
                  else with_direction(default_text(q, False), True, cfg.direction) for q in chunk]
         queries.append(compose(embeds[[rows[q.reference] for q in chunk]].to(gallery.device), texts))
-    return torch.cat(queries) @ gallery.T
+    return dot_similarity(torch.cat(queries), gallery)
 
 
 def evaluate_composed(compose: Compose, split: CIRSplit, embeds: torch.Tensor, rows: dict[str, int], *,

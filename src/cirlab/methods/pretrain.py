@@ -25,6 +25,7 @@ from cirlab.data.torch_data import GalleryDataset, make_loader
 from cirlab.data.transforms import build_transform
 from cirlab.models import (Backbone, BlipBackbone, build_small_blip, build_small_clip, init_text_from_minilm,
                            load_backbone, save_backbone)
+from cirlab.retrieval.similarity import dot_similarity
 from cirlab.utils.io import read_json
 
 
@@ -96,10 +97,13 @@ class Pretrainer(nn.Module):
         bb = self.backbone
         text = bb.tokenize(batch["caption"], max_length=self.cfg.max_text_length)
         image = bb.encode_image(batch["image"])
-        img = F.normalize(image.embeds, dim=-1)
-        txt = F.normalize(bb.encode_text(text.input_ids, text.attention_mask), dim=-1)
-        temp = self.log_temp.exp().clamp(1e-3, 0.5)
-        sim_i2t = img @ txt.T / temp
+        txt = bb.encode_text(text.input_ids, text.attention_mask)
+        # similarities in fp32 even under bf16 autocast: bf16 resolves a logit of 14 (1/0.07) to
+        # about 0.06, too coarse for the near-duplicate captions of one-edit scenes
+        with torch.autocast(txt.device.type, enabled=False):
+            img, txt = F.normalize(image.embeds.float(), dim=-1), F.normalize(txt.float(), dim=-1)
+            temp = self.log_temp.exp().clamp(1e-3, 0.5)
+            sim_i2t = img @ txt.T / temp
         same = _same_caption(batch["caption"], img.device)
         targets = same.float() / same.sum(1, keepdim=True)
         itc = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_i2t.T, targets)) / 2
@@ -152,7 +156,7 @@ def caption_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, s
     txt = torch.cat(txt)
     code = {t: k for k, t in enumerate(texts)}
     label = torch.tensor([code[captions[i]] for i in image_ids], device=img.device)
-    sim = img @ txt.T  # images x distinct captions
+    sim = dot_similarity(img, txt)  # images x distinct captions
     out: dict[str, float] = {}
     for k in (1, 5):
         top_t = sim.topk(min(k, sim.shape[1]), dim=1).indices
@@ -161,6 +165,38 @@ def caption_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, s
         out[f"t2i_R@{k}"] = 100 * (label[top_i] == torch.arange(len(texts), device=img.device)[:, None]).any(1).float().mean().item()
     backbone.train(was_training)
     return out
+
+
+def reference_scenes(split: CIRSplit) -> list[str]:
+    """The split's reference images: independently drawn scenes, without their one-edit variants."""
+    return list(dict.fromkeys(q.reference for q in split.queries))
+
+
+def scene_retrieval(backbone: Backbone, split: CIRSplit, root: str | Path, transform, *, batch_size: int = 256,
+                    max_text_length: int = 64, eval_images: int | None = None) -> dict[str, float]:
+    """Caption retrieval over all the split's images (each reference scene and its one-edit
+    variants: distractors one attribute away) and, prefixed ``refs_``, over the reference scenes
+    alone (independent scenes, the setting of REFERENCE section 8)."""
+    captions = scene_captions(root, split.split)
+    kw = dict(batch_size=batch_size, max_text_length=max_text_length)
+    ids = split.gallery[:eval_images] if eval_images else split.gallery
+    kept = set(ids)
+    refs = [i for i in reference_scenes(split) if i in kept]
+    out = caption_retrieval(backbone, split, captions, transform, ids=ids, **kw)
+    if refs:
+        out.update({f"refs_{k}": v for k, v in caption_retrieval(backbone, split, captions, transform, ids=refs,
+                                                                 **kw).items()})
+    return out
+
+
+def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit, out: Path | None = None) -> dict[str, dict[str, float]]:
+    """``cirlab eval`` of a pretrained backbone: scene caption retrieval, in fp32."""
+    mcfg = validate(PretrainConfig, cfg.method, "method")
+    transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
+    metrics = scene_retrieval(backbone, split, cfg.data.root, transform, batch_size=cfg.evaluation.batch_size,
+                              max_text_length=mcfg.max_text_length, eval_images=mcfg.eval_images)
+    return {"all images": {k: v for k, v in metrics.items() if not k.startswith("refs_")},
+            "reference scenes": {k[5:]: v for k, v in metrics.items() if k.startswith("refs_")}}
 
 
 def export(model: Pretrainer, run) -> Path:
@@ -178,11 +214,9 @@ def build(cfg: ExperimentConfig):
     train = load_split("shapes", cfg.data.root, cfg.data.train_split)
     train_data = CaptionedImages(train, scene_captions(cfg.data.root, cfg.data.train_split), transform)
     test = load_split("shapes", cfg.data.root, cfg.evaluation.split)
-    test_captions = scene_captions(cfg.data.root, cfg.evaluation.split)
-    eval_ids = test.gallery[: mcfg.eval_images] if mcfg.eval_images else None
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return caption_retrieval(model.backbone, test, test_captions, transform, ids=eval_ids,
-                                 batch_size=cfg.evaluation.batch_size, max_text_length=mcfg.max_text_length)
+        return scene_retrieval(model.backbone, test, cfg.data.root, transform, batch_size=cfg.evaluation.batch_size,
+                               max_text_length=mcfg.max_text_length, eval_images=mcfg.eval_images)
 
     return Pretrainer(backbone, mcfg), train_data, evaluate

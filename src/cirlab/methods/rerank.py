@@ -35,6 +35,7 @@ from cirlab.evaluation.submission import rankings_from_similarity
 from cirlab.methods.common import diagonal_ce, image_table, method_splits, triplet_ids
 from cirlab.models import Backbone, BlipBackbone, load_backbone, save_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker, load_reranker, save_reranker
+from cirlab.retrieval.similarity import dot_similarity
 from cirlab.retrieval.topk import TopK, load_topk, save_topk, topk_from_similarity
 
 
@@ -113,7 +114,7 @@ def filter_similarity(backbone: BlipBackbone, split: CIRSplit, tokens: torch.Ten
         chunk = split.queries[s:s + batch_size]
         query = grounded_query(backbone, [default_text(q, False) for q in chunk],
                                tokens[[rows[q.reference] for q in chunk]], cfg.max_text_length)
-        sims.append(query.float() @ gallery.float().T)
+        sims.append(dot_similarity(query, gallery))
     backbone.train(was_training)
     return torch.cat(sims)
 

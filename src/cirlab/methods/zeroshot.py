@@ -26,6 +26,7 @@ from cirlab.data.transforms import build_transform
 from cirlab.evaluation.protocols import evaluate_similarity
 from cirlab.models import Backbone, BlipBackbone
 from cirlab.retrieval.encode import image_features
+from cirlab.retrieval.similarity import dot_similarity
 from cirlab.utils.progress import progress
 
 Mode = Literal["image", "text", "sum", "grounded"]
@@ -66,7 +67,7 @@ def composed_similarity(backbone: Backbone, split: CIRSplit, modes: list[str], *
                 tokens = feats.get("tokens", rows, dtype=torch.float32)
                 q = F.normalize(backbone.grounded_embeds(enc.input_ids, enc.attention_mask, tokens), dim=-1)
             queries[m].append(q)
-    return {m: torch.cat(qs) @ gallery.T for m, qs in queries.items()}
+    return {m: dot_similarity(torch.cat(qs), gallery) for m, qs in queries.items()}
 
 
 def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,

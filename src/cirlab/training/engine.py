@@ -359,10 +359,21 @@ def build_optimizer(model: nn.Module, param_groups: list[dict] | None, cfg: Opti
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """``auto``: bf16 autocast on CUDA (when supported), fp32 on the CPU."""
+    """``auto``: bf16 autocast on CUDA (when supported), fp32 on the CPU.
+
+    ``bf16`` on a CPU without native bf16 (AVX512-BF16 or AMX) would be emulated and several
+    times slower than fp32, so it falls back to fp32 with a warning instead."""
     if precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("trainer.precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
+        return False
     return precision == "bf16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls and convolutions natively on this CPU."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
