@@ -1,4 +1,5 @@
-"""`cirlab pretrain` end to end on a tiny model: reproducible from the seed, resumable, and exports a loadable backbone."""
+"""`cirlab pretrain` end to end on a tiny model: reproducible from the seed, resumable, exports a
+loadable backbone that `cirlab eval` scores."""
 
 import pytest
 import torch
@@ -34,8 +35,9 @@ def test_same_seed_same_weights_and_a_loadable_export(tmp_path):
     assert all(torch.equal(v, a[f"backbone.{k}"]) for k, v in backbone.state_dict().items())
 
     # `cirlab eval` of the export: scene caption retrieval over all images and over the 2 references
-    assert main(["eval", "--config", str(CONFIG_ROOT / "pretrain" / "shapes_blip.yaml"), "--run-dir",
-                 str(tmp_path / "eval"), "--set", f"data.root={root}", "--set", f"model.backbone={tmp_path / 'a' / 'backbone'}"]) == 0
+    config, export = CONFIG_ROOT / "pretrain" / "shapes_blip.yaml", tmp_path / "a" / "backbone"
+    assert main(["eval", "--config", str(config), "--run-dir", str(tmp_path / "eval"),
+                 "--set", f"data.root={root}", "--set", f"model.backbone={export}"]) == 0
     metrics = read_json(tmp_path / "eval" / "metrics.json", "metrics")
     assert set(metrics) == {"all images", "reference scenes"}
     for row in metrics.values():

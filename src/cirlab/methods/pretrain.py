@@ -97,13 +97,12 @@ class Pretrainer(nn.Module):
         bb = self.backbone
         text = bb.tokenize(batch["caption"], max_length=self.cfg.max_text_length)
         image = bb.encode_image(batch["image"])
-        txt = bb.encode_text(text.input_ids, text.attention_mask)
-        # similarities in fp32 even under bf16 autocast: bf16 resolves a logit of 14 (1/0.07) to
-        # about 0.06, too coarse for the near-duplicate captions of one-edit scenes
-        with torch.autocast(txt.device.type, enabled=False):
-            img, txt = F.normalize(image.embeds.float(), dim=-1), F.normalize(txt.float(), dim=-1)
-            temp = self.log_temp.exp().clamp(1e-3, 0.5)
-            sim_i2t = img @ txt.T / temp
+        img = F.normalize(image.embeds.float(), dim=-1)
+        txt = F.normalize(bb.encode_text(text.input_ids, text.attention_mask).float(), dim=-1)
+        temp = self.log_temp.exp().clamp(1e-3, 0.5)
+        # fp32 even under bf16 autocast: bf16 resolves a logit of 14 (1/0.07) to about 0.06, too
+        # coarse for the near-duplicate captions of one-edit scenes
+        sim_i2t = dot_similarity(img, txt) / temp
         same = _same_caption(batch["caption"], img.device)
         targets = same.float() / same.sum(1, keepdim=True)
         itc = (F.cross_entropy(sim_i2t, targets) + F.cross_entropy(sim_i2t.T, targets)) / 2
@@ -189,7 +188,8 @@ def scene_retrieval(backbone: Backbone, split: CIRSplit, root: str | Path, trans
     return out
 
 
-def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit, out: Path | None = None) -> dict[str, dict[str, float]]:
+def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,
+             out: Path | None = None) -> dict[str, dict[str, float]]:
     """``cirlab eval`` of a pretrained backbone: scene caption retrieval, in fp32."""
     mcfg = validate(PretrainConfig, cfg.method, "method")
     transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
