@@ -25,6 +25,31 @@ def test_reranked_similarity_lifts_the_candidates_and_keeps_the_rest_in_stage_on
     assert padded.argsort(descending=True)[0].tolist() == [4, 0, 1, 2, 3]
 
 
+def test_row_table_gathers_rows_across_parts_like_the_concatenated_table():
+    from cirlab.methods.common import RowTable
+
+    torch.manual_seed(0)
+    parts = [torch.randn(5, 3, 2).half(), torch.randn(4, 3, 2).half()]  # float16, as the cache stores tokens
+    whole = torch.cat(parts).float()
+    table = RowTable(parts)
+    index = torch.tensor([[8, 0, 4], [5, 5, 1]])  # any shape, crossing the parts, repeats
+    assert len(table) == 9
+    assert table[index].dtype == torch.float32 and torch.equal(table[index], whole[index])
+    assert torch.equal(table[[3, 7]], whole[[3, 7]])
+    with pytest.raises(IndexError, match="outside 0..8"):
+        table[[9]]
+
+
+def test_rerank_stages_keep_the_token_table_out_of_the_module(tiny_pretrained_blip):
+    """A buffer would follow .to(device): at CIRR size, tens of GB onto the GPU."""
+    from cirlab.methods.common import RowTable
+    from cirlab.models import load_backbone
+
+    tokens = RowTable([torch.zeros(3, 2, 4)])
+    stage = rerank.FilterStage(load_backbone(tiny_pretrained_blip), tokens, rerank.RerankConfig(stage="filter"))
+    assert stage.tokens is tokens and "tokens" not in dict(stage.named_buffers())
+
+
 def test_subset_candidates_drop_the_reference():
     q = Query(qid="1", reference="a", captions=("x",), target="b", positives=("b",), subset=("a", "b", "c"))
     split = CIRSplit(dataset="cirr", split="val", queries=[q], gallery=["a", "b", "c", "d"],

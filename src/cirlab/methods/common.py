@@ -26,12 +26,48 @@ def triplet_ids(split: CIRSplit) -> list[str]:
     return list(dict.fromkeys(i for q in split.queries for i in (q.reference, q.target) if i is not None))
 
 
+class RowTable:
+    """Rows of feature tables that stay where they are (memory-mapped cache files), read on demand.
+
+    Image tokens are far too large to hold whole: CIRR's training images at BLIP ViT-B size
+    (577 x 768) are about 50 GB in float32. ``table[index]`` gathers just the rows asked for,
+    as float32, on the index's device (a list index: on ``table.device``); ``index`` may have
+    any shape, the result is ``(*index.shape, *row_shape)``."""
+
+    def __init__(self, parts: list[torch.Tensor], device: torch.device | str = "cpu"):
+        self.parts, self.device = parts, torch.device(device)
+        self.starts = [0]
+        for part in parts:
+            self.starts.append(self.starts[-1] + len(part))
+        self.row_shape = tuple(parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def to(self, device: torch.device | str) -> "RowTable":
+        """The same rows, gathered onto ``device`` (nothing is copied now)."""
+        return RowTable(self.parts, device)
+
+    def __getitem__(self, index: torch.Tensor | list[int]) -> torch.Tensor:
+        device = index.device if isinstance(index, torch.Tensor) else self.device
+        index = torch.as_tensor(index, dtype=torch.long).cpu()
+        flat = index.reshape(-1)
+        if len(flat) and (flat.min() < 0 or flat.max() >= len(self)):
+            raise IndexError(f"RowTable: rows {flat.min().item()}..{flat.max().item()} outside 0..{len(self) - 1}")
+        out = torch.empty(len(flat), *self.row_shape, dtype=torch.float32)
+        for part, start, end in zip(self.parts, self.starts, self.starts[1:]):
+            inside = (flat >= start) & (flat < end)
+            if inside.any():
+                out[inside] = part[flat[inside] - start].float()
+        return out.reshape(*index.shape, *self.row_shape).to(device)
+
+
 def image_table(backbone: Backbone, splits: list[CIRSplit], cfg: ExperimentConfig,
                 ids_of: Callable[[CIRSplit], list[str]] | None = None,
-                tokens: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+                tokens: bool = False) -> tuple[dict[str, torch.Tensor | RowTable], dict[str, int]]:
     """``({"embeds": (N, d)}, id -> row)`` of the images the splits need, or with ``tokens``
-    ``({"tokens": (N, L, h)}, ...)``, through the feature cache (each image encoded once per
-    image tower and preprocessing)."""
+    ``({"tokens": RowTable (N, L, h)}, ...)`` over the memory-mapped cache files, through the
+    feature cache (each image encoded once per image tower and preprocessing)."""
     transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
     name = f"{cfg.data.transform}-{cfg.data.target_ratio}-{backbone.image_size}"
     fields = ["tokens"] if tokens else ["embeds"]
@@ -44,9 +80,11 @@ def image_table(backbone: Backbone, splits: list[CIRSplit], cfg: ExperimentConfi
         for k, i in enumerate(feats.ids):
             rows.setdefault(i, offset + k)
         for f in fields:
-            parts[f].append(feats[f].float())
+            parts[f].append(feats[f])
         offset += len(feats)
-    return {f: torch.cat(p) for f, p in parts.items()}, rows
+    if tokens:
+        return {"tokens": RowTable(parts["tokens"])}, rows
+    return {"embeds": torch.cat(parts["embeds"]).float()}, rows
 
 
 def diagonal_ce(logits: torch.Tensor) -> torch.Tensor:

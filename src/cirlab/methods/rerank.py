@@ -32,7 +32,7 @@ from cirlab.data.base import CIRSplit
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.evaluation.protocols import evaluate_similarity, index_split, recall_at_depths
 from cirlab.evaluation.submission import rankings_from_similarity
-from cirlab.methods.common import diagonal_ce, image_table, method_splits, triplet_ids
+from cirlab.methods.common import RowTable, diagonal_ce, image_table, method_splits, triplet_ids
 from cirlab.models import Backbone, BlipBackbone, load_backbone, save_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker, load_reranker, save_reranker
 from cirlab.retrieval.similarity import dot_similarity
@@ -86,14 +86,13 @@ def gallery_features(backbone: BlipBackbone, tokens: torch.Tensor) -> torch.Tens
 class FilterStage(nn.Module):
     """Stage I: text encoder, projections and temperature train; the image tower is frozen."""
 
-    def __init__(self, backbone: BlipBackbone, tokens: torch.Tensor, cfg: RerankConfig):
+    def __init__(self, backbone: BlipBackbone, tokens: RowTable, cfg: RerankConfig):
         super().__init__()
-        self.backbone, self.cfg = backbone, cfg
+        self.backbone, self.cfg, self.tokens = backbone, cfg, tokens  # not a buffer: it stays on disk
         backbone.requires_grad_(False)
         for part in (backbone.text_encoder, backbone.text_proj, backbone.vision_proj):
             part.requires_grad_(True)
         self.temp = nn.Parameter(torch.tensor(cfg.temperature))  # no clamp, as the official code
-        self.register_buffer("tokens", tokens, persistent=False)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         query = grounded_query(self.backbone, batch["text"], self.tokens[batch["reference"]], self.cfg.max_text_length)
@@ -103,11 +102,12 @@ class FilterStage(nn.Module):
 
 
 @torch.no_grad()
-def filter_similarity(backbone: BlipBackbone, split: CIRSplit, tokens: torch.Tensor, rows: dict[str, int],
+def filter_similarity(backbone: BlipBackbone, split: CIRSplit, tokens: RowTable, rows: dict[str, int],
                       cfg: RerankConfig, batch_size: int = 256) -> torch.Tensor:
     """(Q, N) stage-I cosine similarities of the split's queries against its gallery."""
     was_training = backbone.training
     backbone.eval()
+    tokens = tokens.to(backbone.device)
     gallery = gallery_features(backbone, tokens[[rows[i] for i in split.gallery]])
     sims = []
     for s in range(0, len(split.queries), batch_size):
@@ -138,13 +138,13 @@ def export_topk(split: CIRSplit, sim: torch.Tensor, k: int, fingerprint: str = "
 class RerankerStage(nn.Module):
     """Stage II: only the re-ranker trains; z_t comes from the frozen filter."""
 
-    def __init__(self, reranker: DualEncoderReranker, filter_backbone: BlipBackbone, tokens: torch.Tensor,
+    def __init__(self, reranker: DualEncoderReranker, filter_backbone: BlipBackbone, tokens: RowTable,
                  cfg: RerankConfig, backbone_path: str | None = None):
         super().__init__()
         self.reranker, self.filter, self.cfg, self.backbone_path = reranker, filter_backbone, cfg, backbone_path
+        self.tokens = tokens  # not a buffer: it stays on disk, batches gather their rows
         filter_backbone.requires_grad_(False)
         reranker.gradient_checkpointing = cfg.gradient_checkpointing
-        self.register_buffer("tokens", tokens, persistent=False)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         self.filter.train(self.cfg.stage1_train_mode)
@@ -157,18 +157,19 @@ class RerankerStage(nn.Module):
 
 @torch.no_grad()
 def rerank_scores(reranker: DualEncoderReranker, filter_backbone: BlipBackbone, split: CIRSplit,
-                  tokens: torch.Tensor, rows: dict[str, int], candidates: torch.Tensor,
+                  tokens: RowTable, rows: dict[str, int], candidates: torch.Tensor,
                   cfg: RerankConfig) -> torch.Tensor:
     """(Q, C) re-ranker scores of each query against its candidate gallery indices (Q, C);
     entries where the index is -1 (padding) are -inf. Many queries per call."""
     reranker.eval()
     filter_backbone.eval()
-    gallery_rows = torch.tensor([rows[i] for i in split.gallery])
+    tokens = tokens.to(filter_backbone.device)
+    gallery_rows = torch.tensor([rows[i] for i in split.gallery], device=tokens.device)
     per_call = max(1, cfg.chunk_size // max(1, candidates.shape[1]))
     out = []
     for s in range(0, len(split.queries), per_call):
         chunk = split.queries[s:s + per_call]
-        cand = candidates[s:s + per_call]
+        cand = candidates[s:s + per_call].to(tokens.device)
         z_t, ids, mask = grounded_states(filter_backbone, [default_text(q, False) for q in chunk],
                                          tokens[[rows[q.reference] for q in chunk]], cfg.max_text_length)
         scores = reranker.topk_scores(z_t, ids, mask, tokens[gallery_rows[cand.clamp_min(0)]],
@@ -223,7 +224,7 @@ def _first_queries(split: CIRSplit, n: int | None) -> CIRSplit:
 
 
 def rerank_rows(reranker: DualEncoderReranker, filter_backbone: BlipBackbone, split: CIRSplit,
-                tokens: torch.Tensor, rows: dict[str, int], cfg: RerankConfig,
+                tokens: RowTable, rows: dict[str, int], cfg: RerankConfig,
                 batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """``{row name: (similarity, subset similarity)}``: ``stage1`` and ``rerank@K`` for each K (and
     ``rerank@K+fusion``). The top max(K) is scored once; a smaller K re-sorts its first K."""
