@@ -36,6 +36,7 @@ def test_row_table_gathers_rows_across_parts_like_the_concatenated_table():
     assert len(table) == 9
     assert table[index].dtype == torch.float32 and torch.equal(table[index], whole[index])
     assert torch.equal(table[[3, 7]], whole[[3, 7]])
+    assert torch.equal(table.first()[index], whole[index][..., :1, :])  # [CLS] only
     with pytest.raises(IndexError, match="outside 0..8"):
         table[[9]]
 

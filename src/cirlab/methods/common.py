@@ -29,8 +29,8 @@ def triplet_ids(split: CIRSplit) -> list[str]:
 class RowTable:
     """Rows of feature tables that stay where they are (memory-mapped cache files), read on demand.
 
-    Image tokens are far too large to hold whole: CIRR's training images at BLIP ViT-B size
-    (577 x 768) are about 50 GB in float32. ``table[index]`` gathers just the rows asked for,
+    Image tokens are far too large to hold whole: CIRR's 16.9k training images at BLIP ViT-B size
+    (577 x 768) are about 30 GB in float32. ``table[index]`` gathers just the rows asked for,
     as float32, on the index's device (a list index: on ``table.device``); ``index`` may have
     any shape, the result is ``(*index.shape, *row_shape)``."""
 
@@ -47,6 +47,10 @@ class RowTable:
     def to(self, device: torch.device | str) -> "RowTable":
         """The same rows, gathered onto ``device`` (nothing is copied now)."""
         return RowTable(self.parts, device)
+
+    def first(self, n: int = 1) -> "RowTable":
+        """The first ``n`` entries of every row (a view: e.g. the [CLS] token, without reading the rest)."""
+        return RowTable([part[:, :n] for part in self.parts], self.device)
 
     def __getitem__(self, index: torch.Tensor | list[int]) -> torch.Tensor:
         device = index.device if isinstance(index, torch.Tensor) else self.device

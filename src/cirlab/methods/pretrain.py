@@ -131,13 +131,14 @@ class Pretrainer(nn.Module):
 
 @torch.no_grad()
 def caption_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, str], transform, *,
-                      ids: list[str] | None = None, batch_size: int = 256, max_text_length: int = 64,
-                      num_workers: int = 0) -> dict[str, float]:
+                      ids: list[str] | None = None, subsets: dict[str, list[str]] | None = None,
+                      batch_size: int = 256, max_text_length: int = 64, num_workers: int = 0) -> dict[str, float]:
     """Image->caption and caption->image R@1/R@5 over a split's images (percent).
 
     A hit is any item with the same caption (identical scenes are indistinguishable). Captions
     are deduplicated: the caption gallery holds each distinct caption once, and each distinct
-    caption is one caption->image query.
+    caption is one caption->image query. ``subsets`` (prefix -> image ids) repeats the measure
+    over just those images and their captions, from the features already computed.
     """
     was_training = backbone.training
     backbone.eval()
@@ -152,17 +153,30 @@ def caption_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, s
     for s in range(0, len(texts), batch_size):
         enc = backbone.tokenize(texts[s:s + batch_size], max_length=max_text_length)
         txt.append(F.normalize(backbone.encode_text(enc.input_ids, enc.attention_mask), dim=-1))
-    txt = torch.cat(txt)
     code = {t: k for k, t in enumerate(texts)}
     label = torch.tensor([code[captions[i]] for i in image_ids], device=img.device)
-    sim = dot_similarity(img, txt)  # images x distinct captions
+    sim = dot_similarity(img, torch.cat(txt))  # images x distinct captions
+    backbone.train(was_training)
+    out = _caption_recall(sim, label)
+    for prefix, subset in (subsets or {}).items():
+        members = set(subset)
+        keep = torch.tensor([i in members for i in image_ids], device=img.device)
+        if keep.any():
+            cols = label[keep].unique()  # sorted: the distinct captions of the subset
+            sub = _caption_recall(sim[keep][:, cols], torch.searchsorted(cols, label[keep]))
+            out.update({prefix + k: v for k, v in sub.items()})
+    return out
+
+
+def _caption_recall(sim: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+    """R@1/R@5 both ways of an (images x distinct captions) similarity, ``label`` = each image's caption."""
     out: dict[str, float] = {}
+    captions = torch.arange(sim.shape[1], device=sim.device)
     for k in (1, 5):
         top_t = sim.topk(min(k, sim.shape[1]), dim=1).indices
         out[f"i2t_R@{k}"] = 100 * (top_t == label[:, None]).any(1).float().mean().item()
         top_i = sim.T.topk(min(k, sim.shape[0]), dim=1).indices
-        out[f"t2i_R@{k}"] = 100 * (label[top_i] == torch.arange(len(texts), device=img.device)[:, None]).any(1).float().mean().item()
-    backbone.train(was_training)
+        out[f"t2i_R@{k}"] = 100 * (label[top_i] == captions[:, None]).any(1).float().mean().item()
     return out
 
 
@@ -171,32 +185,36 @@ def reference_scenes(split: CIRSplit) -> list[str]:
     return list(dict.fromkeys(q.reference for q in split.queries))
 
 
-def scene_retrieval(backbone: Backbone, split: CIRSplit, root: str | Path, transform, *, batch_size: int = 256,
+REFS = "refs_"  # metric prefix of the reference-scene measure
+
+
+def scene_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, str], transform, *, batch_size: int = 256,
                     max_text_length: int = 64, eval_images: int | None = None) -> dict[str, float]:
     """Caption retrieval over all the split's images (each reference scene and its one-edit
     variants: distractors one attribute away) and, prefixed ``refs_``, over the reference scenes
     alone (independent scenes, the setting of REFERENCE section 8)."""
-    captions = scene_captions(root, split.split)
-    kw = dict(batch_size=batch_size, max_text_length=max_text_length)
-    ids = split.gallery[:eval_images] if eval_images else split.gallery
-    kept = set(ids)
-    refs = [i for i in reference_scenes(split) if i in kept]
-    out = caption_retrieval(backbone, split, captions, transform, ids=ids, **kw)
-    if refs:
-        out.update({f"refs_{k}": v for k, v in caption_retrieval(backbone, split, captions, transform, ids=refs,
-                                                                 **kw).items()})
-    return out
+    return caption_retrieval(backbone, split, captions, transform,
+                             ids=split.gallery[:eval_images] if eval_images else None,
+                             subsets={REFS: reference_scenes(split)},
+                             batch_size=batch_size, max_text_length=max_text_length)
+
+
+def _check_shapes(cfg: ExperimentConfig) -> None:
+    if cfg.data.dataset != "shapes":
+        raise ValueError(f"pretrain: data.dataset must be shapes (scene captions), got {cfg.data.dataset!r}")
 
 
 def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,
              out: Path | None = None) -> dict[str, dict[str, float]]:
     """``cirlab eval`` of a pretrained backbone: scene caption retrieval, in fp32."""
     mcfg = validate(PretrainConfig, cfg.method, "method")
+    _check_shapes(cfg)
     transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
-    metrics = scene_retrieval(backbone, split, cfg.data.root, transform, batch_size=cfg.evaluation.batch_size,
-                              max_text_length=mcfg.max_text_length, eval_images=mcfg.eval_images)
-    return {"all images": {k: v for k, v in metrics.items() if not k.startswith("refs_")},
-            "reference scenes": {k[5:]: v for k, v in metrics.items() if k.startswith("refs_")}}
+    metrics = scene_retrieval(backbone, split, scene_captions(cfg.data.root, split.split), transform,
+                              batch_size=cfg.evaluation.batch_size, max_text_length=mcfg.max_text_length,
+                              eval_images=mcfg.eval_images)
+    return {"all images": {k: v for k, v in metrics.items() if not k.startswith(REFS)},
+            "reference scenes": {k.removeprefix(REFS): v for k, v in metrics.items() if k.startswith(REFS)}}
 
 
 def export(model: Pretrainer, run) -> Path:
@@ -207,16 +225,16 @@ def export(model: Pretrainer, run) -> Path:
 def build(cfg: ExperimentConfig):
     """Model, training data and evaluation callback of a pretraining run."""
     mcfg = validate(PretrainConfig, cfg.method, "method")
-    if cfg.data.dataset != "shapes":
-        raise ValueError(f"pretrain: data.dataset must be shapes (scene captions), got {cfg.data.dataset!r}")
+    _check_shapes(cfg)
     backbone = backbone_from_config(cfg.model)
     transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
     train = load_split("shapes", cfg.data.root, cfg.data.train_split)
     train_data = CaptionedImages(train, scene_captions(cfg.data.root, cfg.data.train_split), transform)
     test = load_split("shapes", cfg.data.root, cfg.evaluation.split)
+    test_captions = scene_captions(cfg.data.root, cfg.evaluation.split)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return scene_retrieval(model.backbone, test, cfg.data.root, transform, batch_size=cfg.evaluation.batch_size,
+        return scene_retrieval(model.backbone, test, test_captions, transform, batch_size=cfg.evaluation.batch_size,
                                max_text_length=mcfg.max_text_length, eval_images=mcfg.eval_images)
 
     return Pretrainer(backbone, mcfg), train_data, evaluate

@@ -79,7 +79,8 @@ def grounded_query(backbone: BlipBackbone, texts: list[str], ref_tokens: torch.T
 
 
 def gallery_features(backbone: BlipBackbone, tokens: torch.Tensor) -> torch.Tensor:
-    """normalize(vision_proj(CLS token)) from cached tokens (vision_proj trains in stage I)."""
+    """normalize(vision_proj(CLS token)) from cached tokens (vision_proj trains in stage I); only
+    ``tokens[:, 0]`` is read, so callers gather ``RowTable.first()``."""
     return F.normalize(backbone.vision_proj(tokens[:, 0].to(backbone.dtype)), dim=-1)
 
 
@@ -96,7 +97,7 @@ class FilterStage(nn.Module):
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         query = grounded_query(self.backbone, batch["text"], self.tokens[batch["reference"]], self.cfg.max_text_length)
-        target = gallery_features(self.backbone, self.tokens[batch["target"]])
+        target = gallery_features(self.backbone, self.tokens.first()[batch["target"]])
         loss = diagonal_ce(query @ target.T / self.temp)
         return {"loss": loss, "temp": self.temp.detach()}
 
@@ -108,7 +109,7 @@ def filter_similarity(backbone: BlipBackbone, split: CIRSplit, tokens: RowTable,
     was_training = backbone.training
     backbone.eval()
     tokens = tokens.to(backbone.device)
-    gallery = gallery_features(backbone, tokens[[rows[i] for i in split.gallery]])
+    gallery = gallery_features(backbone, tokens.first()[[rows[i] for i in split.gallery]])
     sims = []
     for s in range(0, len(split.queries), batch_size):
         chunk = split.queries[s:s + batch_size]
