@@ -16,6 +16,21 @@ TINY_BLIP = dict(embed_dim=32, text_hidden=32, text_layers=2, text_heads=2, visi
                  stage_channels=(8, 8, 16, 16))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache(tmp_path_factory):
+    """Every test shares one feature cache in a temporary folder, never the user's."""
+    import os
+
+    path = tmp_path_factory.mktemp("feature-cache")
+    old = os.environ.get("CIRLAB_CACHE")
+    os.environ["CIRLAB_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("CIRLAB_CACHE")
+    else:
+        os.environ["CIRLAB_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-shapes")

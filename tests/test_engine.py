@@ -6,9 +6,12 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,8 @@ D_IN, N_CLASSES = 8, 3
 def cpu_only(monkeypatch):
     """Exactness is checked in fp32 on the CPU; the CUDA test below opts back in."""
     monkeypatch.setenv("CIRLAB_DEVICE", "cpu")
+    monkeypatch.delenv("CIRLAB_PRECISION", raising=False)
+    monkeypatch.delenv("CIRLAB_TENSORBOARD", raising=False)
 
 
 class TinyClassifier(nn.Module):
@@ -90,6 +95,7 @@ def make_cfg(tmp_path: Path, **trainer) -> ExperimentConfig:
         "schedule": {"name": "cosine_epoch", "min_lr": 1e-3},
         "log_every_steps": 1,
         "output_dir": str(tmp_path),
+        "precision": "fp32",  # also on a CPU with native bf16, where auto would pick bf16
     }
     return ExperimentConfig.model_validate({"name": "tiny", "seed": 5, "trainer": {**base, **trainer}})
 
@@ -133,7 +139,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, num_work
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_resume_is_exact_on_cuda_with_bf16_autocast(tmp_path, monkeypatch):
     monkeypatch.delenv("CIRLAB_DEVICE")
-    cfg = make_cfg(tmp_path)  # precision auto: bf16 autocast on CUDA
+    cfg = make_cfg(tmp_path, precision="auto")  # bf16 autocast on CUDA
     resumed = check_resume(tmp_path, cfg, 9, (1, 3))
     assert next(resumed.parameters()).is_cuda
 
@@ -143,14 +149,49 @@ def test_resume_is_exact_on_cpu_with_bf16_autocast(tmp_path):
     check_resume(tmp_path, make_cfg(tmp_path, precision="bf16"), 9, (1, 3))
 
 
-def test_bf16_on_a_cpu_without_native_bf16_falls_back_to_fp32(monkeypatch):
-    cpu = torch.device("cpu")
+def test_precision_auto_is_bf16_where_native_and_silent_explicit_bf16_warns_and_the_env_overrides(monkeypatch):
+    cpu, cuda, select = torch.device("cpu"), torch.device("cuda"), engine.select_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    for native, auto_cpu in ((False, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda native=native: native)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # auto and fp32 never warn
+            assert (select("auto", cpu), select("auto", cuda)) == (auto_cpu, "bf16")
+            assert (select("fp32", cpu), select("fp32", cuda), select("bf16", cuda)) == ("fp32", "fp32", "bf16")
+    assert select("bf16", cpu) == "bf16"
     monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
-    with pytest.warns(UserWarning, match="no native bf16"):
-        assert not engine.use_bf16("bf16", cpu)
-    assert not engine.use_bf16("auto", cpu)
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
-    assert engine.use_bf16("bf16", cpu) and not engine.use_bf16("fp32", cpu)
+    with pytest.warns(UserWarning, match="trainer.precision bf16: this CPU has no native bf16"):
+        assert select("bf16", cpu) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert select("auto", cuda) == "fp32"
+
+    monkeypatch.setenv("CIRLAB_PRECISION", "fp32")  # overrides the config
+    assert select("bf16", cuda) == select("auto", cuda) == "fp32"
+    monkeypatch.setenv("CIRLAB_PRECISION", "bf16")
+    with pytest.warns(UserWarning, match="CIRLAB_PRECISION bf16: this CPU has no native bf16"):
+        assert select("fp32", cpu) == "fp32"
+    assert select("fp32", cuda) == "bf16"
+    monkeypatch.setenv("CIRLAB_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="CIRLAB_PRECISION must be one of auto, fp32, bf16, got 'fp16'"):
+        select("auto", cpu)
+
+
+def test_the_precision_used_is_recorded_and_a_resume_in_another_one_warns(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, epochs=1, precision="auto", max_steps=2)
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)  # auto picks bf16 on this "CPU"
+    run = RunDir.create(cfg, tmp_path / "r")
+    trainer = Trainer(TinyClassifier(), NoisyData(), cfg, run)
+    assert (trainer.precision, trainer.bf16) == ("bf16", True)
+    assert json.loads(run.env_path.read_text())["precision"] == "bf16"
+
+    monkeypatch.setenv("CIRLAB_PRECISION", "fp32")  # measure the fp32 path on a bf16 machine
+    run = RunDir.create(cfg, tmp_path / "fp32")
+    Trainer(TinyClassifier(), NoisyData(), cfg, run).fit()
+    assert json.loads(run.env_path.read_text())["precision"] == "fp32"
+    monkeypatch.setenv("CIRLAB_PRECISION", "bf16")
+    with pytest.warns(UserWarning, match="trained in fp32 so far and resumes in bf16"):
+        Trainer(TinyClassifier(), NoisyData(), cfg, RunDir.open(run.path), resume=True)
+    assert json.loads(run.env_path.read_text())["precision"] == "bf16"
 
 
 def check_resume(tmp_path: Path, cfg: ExperimentConfig, stop: int, position: tuple[int, int]) -> nn.Module:
@@ -217,8 +258,12 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 def test_resume_without_a_checkpoint_starts_afresh_and_reuse_without_resume_is_refused(tmp_path):
     cfg = make_cfg(tmp_path, epochs=1)
     run = RunDir.create(cfg, tmp_path / "r")
-    with pytest.warns(UserWarning, match="no checkpoint"):
+    stale = "".join(json.dumps({"event": "train", "step": s, "loss": 9.0}) + "\n" for s in range(1, 30))
+    run.metrics_path.write_text(stale)  # a first attempt that died before its first checkpoint
+    with pytest.warns(UserWarning, match=r"no checkpoint.*old metrics\.jsonl is now .*metrics\.jsonl\.bak"):
         train(cfg, run, resume=True)
+    assert train_steps(run) == list(range(1, 7))  # the new curve only, from step 1
+    assert (run.path / "metrics.jsonl.bak").read_text() == stale
     with pytest.raises(FileExistsError, match="latest.pt"):
         train(cfg, RunDir.open(run.path))
     with pytest.raises(FileExistsError, match="already holds a run"):
@@ -334,6 +379,7 @@ def test_run_directory_records_config_environment_metrics_and_best(tmp_path):
     assert yaml.safe_load(run.config_path.read_text())["trainer"]["grad_accum"] == 2
     env = json.loads(run.env_path.read_text())
     assert env["seed"] == 5 and env["python"].count(".") == 2 and env["device"] == "cpu"
+    assert env["precision"] == "fp32"
     assert env["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert all(env["packages"][p] for p in ("cirlab", "numpy", "transformers"))
 
@@ -377,3 +423,85 @@ def test_checkpoint_writes_are_atomic_and_bad_files_are_named(tmp_path, monkeypa
         train(cfg, RunDir.open(run.path), resume=True)
     with pytest.raises(ValueError, match="corrupted or truncated"):
         load_model_state(run.latest)
+
+
+# ------------------------------------------------------------------------ reporting
+
+
+class NanAfter(TinyClassifier):
+    """Its loss turns NaN after ``calls`` training_step calls."""
+
+    def __init__(self, calls: int) -> None:
+        super().__init__()
+        self.nan_after = calls
+
+    def training_step(self, batch):
+        out = super().training_step(batch)
+        return {**out, "loss": out["loss"] * float("nan")} if self.calls > self.nan_after else out
+
+
+@pytest.mark.parametrize("every, calls, saved", [(None, 3, None), (4, 11, 4)], ids=["before-any", "after-step-4"])
+def test_a_nan_loss_names_the_last_checkpoint_saved_or_says_there_is_none(tmp_path, every, calls, saved):
+    cfg = make_cfg(tmp_path, checkpoint_every_steps=every)  # 2 micro-batches a step
+    run = RunDir.create(cfg, tmp_path / "r")
+    with pytest.raises(FloatingPointError, match=rf"training loss is nan at step {calls // 2} ") as e:
+        Trainer(NanAfter(calls), NoisyData(), cfg, run).fit()
+    if saved is None:
+        assert f"no checkpoint was saved in {run.path} yet" in str(e.value) and not run.latest.exists()
+    else:
+        named = re.search(r"the last good state is (\S+) \(step (\d+)\)", str(e.value))
+        assert named and Path(named[1]) == run.latest and int(named[2]) == saved
+        assert load_checkpoint(run.latest)["step"] == saved
+
+
+def test_every_evaluation_prints_one_line_with_the_select_metric_first(tmp_path, capsys):
+    def evaluate(model):
+        return {"dress/R@10": 1.0, "R@1": 15.000000596046448, **holdout_accuracy(model)}
+
+    cfg = make_cfg(tmp_path, select_metric="acc")
+    run = RunDir.create(cfg)
+    train(cfg, run, evaluate=evaluate)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval ")]
+    evals = [r for r in run.read_metrics() if r["event"] == "eval"]
+    assert len(lines) == len(evals) == 3
+    best = -1.0
+    for epoch, (line, r) in enumerate(zip(lines, evals), start=1):
+        mark = "  (best so far)" if r["acc"] > best else ""
+        best = max(best, r["acc"])
+        # the select metric first, then the top-level ones; dress/R@10 is a breakdown
+        assert line == f"eval epoch {epoch} step {6 * epoch}: acc {r['acc']:.2f}  R@1 15.00{mark}"
+
+
+def test_tensorboard_events_are_written_only_on_request(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, epochs=1, select_metric="acc")
+    run = RunDir.create(cfg, tmp_path / "off")
+    train(cfg, run)
+    assert not run.tensorboard_dir.exists()
+
+    monkeypatch.setenv("CIRLAB_TENSORBOARD", "1")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # tensorboard not installed
+    with pytest.raises(ModuleNotFoundError, match="CIRLAB_TENSORBOARD=1 needs the tensorboard package"):
+        train(cfg, RunDir.create(cfg, tmp_path / "missing"))
+
+    class FakeWriter:
+        made: list = []
+
+        def __init__(self, logdir, purge_step=None):
+            self.logdir, self.purge_step, self.scalars, self.flushed = logdir, purge_step, [], False
+            self.made.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+        def flush(self):
+            self.flushed = True
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    run = RunDir.create(cfg, tmp_path / "on")
+    train(cfg, run)
+    (writer,) = FakeWriter.made
+    assert (writer.logdir, writer.purge_step, writer.flushed) == (str(run.tensorboard_dir), 1, True)
+    logged = [(f"{r['event']}/{k}", v, r["step"]) for r in run.read_metrics() for k, v in r.items()
+              if k not in ("event", "step")]
+    assert sorted(writer.scalars) == sorted(logged)  # metrics.jsonl sorts its keys
+    assert {"train/loss", "train/lr", "eval/acc"} <= {tag for tag, _, _ in logged}

@@ -245,7 +245,8 @@ def test_malformed_fields_are_reported(cirr_root, fiq_root, circo_root):
     with pytest.raises(ValueError, match="expected a JSON list of records"):
         load_split("circo", circo_root, "val")
 
-    (fiq_root / "captions" / "cap.dress.val.json").write_text("[]")
+    write_json(fiq_root / "captions" / "cap.dress.val.json",
+               [{"candidate": "A1", "target": "A2", "captions": ["a", "b"]}])
     (fiq_root / "image_splits" / "split.dress.val.json").write_text("[1, 2")
     with pytest.raises(ValueError, match=r"split\.dress\.val\.json is not valid JSON"):
         load_split("fashioniq", fiq_root, "val", category="dress")

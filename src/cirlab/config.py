@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
@@ -34,15 +34,12 @@ class DataConfig(Strict):
     """Which dataset, where, and how its images are preprocessed."""
 
     dataset: Literal["shapes", "cirr", "fashioniq", "circo"] = "shapes"
-    root: str = "data/shapes"
+    root: str = "runs/demo/shapes"
     categories: list[Literal["dress", "shirt", "toptee"]] = ["dress", "shirt", "toptee"]
     train_split: str = "train"
     val_split: str = "val"
-    test_split: str = "test"
     transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
     target_ratio: float = 1.25
-    image_size: int = 64
-    num_workers: int = 2
 
 
 class OptimConfig(Strict):
@@ -107,8 +104,19 @@ class ExperimentConfig(Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    # The method section is validated by the method's own model (cirlab.methods).
-    method: dict[str, Any] = Field(default_factory=dict)
+    # The method section: the typed model of the method's stage (cirlab.methods.method_config);
+    # an empty section means no method (engine-only use).
+    method: Any = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _typed_method(self) -> "ExperimentConfig":
+        if isinstance(self.method, dict) and self.method:
+            from cirlab.methods import method_config  # methods import this module
+
+            self.method = method_config(self.method)
+        elif not isinstance(self.method, (dict, BaseModel)):
+            raise ValueError(f"method must be a mapping, got {type(self.method).__name__}")
+        return self
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["cirlab.cli.data", "cirlab.cli.score", "cirlab.cli.train", "cirlab.cli.evaluate",
+COMMANDS = ["cirlab.cli.data", "cirlab.cli.score", "cirlab.cli.train", "cirlab.cli.evaluate", "cirlab.cli.curves",
             "cirlab.cli.demo"]
 
 

@@ -36,11 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=show)
 
-    p = dsub.add_parser("check", help="count queries, gallery and missing images")
+    p = dsub.add_parser("check", help="count queries, gallery and missing images; exit 1 when any is missing")
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", required=True, type=Path)
     p.add_argument("--split", default="val")
     p.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ only; all three when omitted")
+    p.add_argument("--decode", action="store_true",
+                   help="also decode every image, to find truncated or non-image files (slower)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=check)
 
@@ -83,6 +85,7 @@ def check(args: argparse.Namespace) -> int:
     from cirlab.data.registry import load_splits
 
     categories = [args.category] if args.category else None
-    report = check_splits(load_splits(args.dataset, args.root, args.split, categories=categories))
+    report = check_splits(load_splits(args.dataset, args.root, args.split, categories=categories),
+                          decode=args.decode)
     print(json.dumps(report) if args.json else format_check(report))
-    return 0
+    return 1 if report["missing"] else 0  # a job on this split would skip or fail on them

@@ -16,9 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-from cirlab.cli.evaluate import format_table
 from cirlab.config import CONFIG_ROOT
 from cirlab.utils.io import atomic_write_json, read_json
+from cirlab.utils.report import format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,53 +65,53 @@ def demo(args: argparse.Namespace) -> int:
     data_set = ["--set", f"data.root={data}", "--set", f"seed={args.seed}"]
     rows: dict[str, dict[str, float]] = {}
 
-    def evaluate(title: str, config: Path, name: str, *sets: str) -> bool:
+    def evaluate(title: str, name: str, *what: str) -> bool:
+        """`cirlab eval` on shapes test of a model folder (--model) or a zero-shot config (--config)."""
         _step(title)
         run = args.out / "eval" / name
-        cmd = ["eval", "--config", str(config), "--run-dir", str(run), *data_set, *(x for v in sets for x in ("--set", v))]
-        if cirlab(cmd):
+        if run.exists():
+            shutil.rmtree(run)
+        extra = ["--dataset", "shapes", "--root", str(data)] if what[0] == "--model" else ["--set", f"data.root={data}"]
+        if cirlab(["eval", *what, "--split", "test", "--run-dir", str(run), *extra]):
             return False
         rows.update({f"{name}/{row}": m for row, m in read_json(run / "metrics.json", "metrics").items()})
         return True
 
-    def train(title: str, config: Path, name: str, export: str, *sets: str) -> Path | None:
+    def train(title: str, config: Path, name: str, *sets: str) -> Path | None:
         run = args.out / name
-        if (run / export).exists():
+        if (run / "model" / "composer.json").is_file():
             _step(f"{title}: already trained at {run}; reusing it")
-            return run / export
+            return run / "model"
         _step(title)
         cmd = ["train", "--config", str(config), "--run-dir", str(run), *data_set, *(x for v in sets for x in ("--set", v))]
         if run.exists():  # an earlier demo stopped part-way: train it again from the start
             shutil.rmtree(run)
-        return None if cirlab(cmd) else run / export
+        return None if cirlab(cmd) else run / "model"
 
-    if not evaluate("zero-shot composed baselines on shapes test (no CIR training)",
-                    CONFIG_ROOT / "eval" / "shapes_zeroshot_blip.yaml", "zeroshot", f"model.backbone={backbone}"):
+    if not evaluate("zero-shot composed baselines on shapes test (no CIR training)", "zeroshot",
+                    "--config", str(CONFIG_ROOT / "eval" / "shapes_zeroshot_blip.yaml"), "--set", f"model.backbone={backbone}"):
         return 1
 
     bi = CONFIG_ROOT / "bidirectional"
     stage1 = train("Bi-BLIP4CIR stage I: fine-tune the text encoder on forward + reversed queries",
-                   bi / "shapes_text.yaml", "bi-text", "backbone", f"model.backbone={backbone}")
-    if stage1 is None or not evaluate("Bi-BLIP4CIR stage I on shapes test", bi / "shapes_text.yaml", "bi-text",
-                                      f"model.backbone={stage1}"):
+                   bi / "shapes_text.yaml", "bi-text", f"model.backbone={backbone}")
+    if stage1 is None or not evaluate("Bi-BLIP4CIR stage I on shapes test", "bi-text", "--model", str(stage1)):
         return 1
     combiner = train("Bi-BLIP4CIR stage II: the Combiner over the frozen stage-I model",
-                     bi / "shapes_combiner.yaml", "bi-combiner", "combiner", f"model.backbone={stage1}")
-    if combiner is None or not evaluate("Bi-BLIP4CIR stage II on shapes test", bi / "shapes_combiner.yaml",
-                                        "bi-combiner", f"model.backbone={stage1}", f"method.combiner={combiner}"):
+                     bi / "shapes_combiner.yaml", "bi-combiner", f"model.backbone={stage1}")
+    if combiner is None or not evaluate("Bi-BLIP4CIR stage II on shapes test", "bi-combiner", "--model", str(combiner)):
         return 1
 
     rr = CONFIG_ROOT / "rerank"
     filt = train("re-ranking stage I: the image-grounded filter", rr / "shapes_filter.yaml", "rerank-filter",
-                 "backbone", f"model.backbone={backbone}")
+                 f"model.backbone={backbone}")
     if filt is None or not evaluate("re-ranking stage I on shapes test (R@K for choosing K; top-K file)",
-                                    rr / "shapes_filter.yaml", "rerank-filter", f"model.backbone={filt}"):
+                                    "rerank-filter", "--model", str(filt)):
         return 1
     reranker = train("re-ranking stage II: the dual-encoder re-ranker", rr / "shapes_reranker.yaml",
-                     "rerank-reranker", "reranker", f"model.backbone={filt}", f"method.reranker_init={backbone}")
-    if reranker is None or not evaluate("re-ranking stage II on shapes test (first 200 queries)",
-                                        rr / "shapes_reranker.yaml", "rerank-reranker", f"model.backbone={filt}",
-                                        f"method.reranker={reranker}"):
+                     "rerank-reranker", f"model.backbone={filt}", f"method.reranker_init={backbone}")
+    if reranker is None or not evaluate("re-ranking stage II on shapes test (first 200 queries)", "rerank-reranker",
+                                        "--model", str(reranker), "--max-queries", "200"):
         return 1
 
     _step("every row on shapes test (rerank-reranker rows: the first 200 queries)")

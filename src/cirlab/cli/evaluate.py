@@ -1,75 +1,158 @@
-"""``cirlab eval``: score a model on a split; the table is printed and saved as metrics.json."""
+"""``cirlab eval``: score a model on a split; prints the table, writes metrics.json and the
+predictions in the benchmark's submission format (any split, val included: ``cirlab score``
+reads them back to the same numbers).
+
+* ``--model DIR``: an exported model folder (``<run>/model``), loaded with :func:`cirlab.load`;
+* ``--config FILE``: a zero-shot config (one row per mode, on ``model.backbone``) or a
+  pretraining config (scene caption retrieval of ``model.backbone``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import time
 from pathlib import Path
 
 from cirlab.config import load_config
 
+DATASETS = ["shapes", "cirr", "fashioniq", "circo"]
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a method on a split (writes metrics.json into a run folder)")
-    p.add_argument("--config", required=True, type=Path)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--run-dir", type=Path, help="output folder (default: <trainer.output_dir>/<name>-<time>)")
+    p = sub.add_parser("eval", help="evaluate a model on a split (metrics.json + predictions files)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", type=Path, help="an exported model folder (<run>/model)")
+    what.add_argument("--config", type=Path, help="a zero-shot or pretraining config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="--config only: override a config field")
+    p.add_argument("--dataset", choices=DATASETS, help="--model: the benchmark (default shapes)")
+    p.add_argument("--root", type=Path, help="--model: the dataset root (default runs/demo/shapes)")
+    p.add_argument("--split", help="the split to evaluate (default: --model test; --config evaluation.split)")
+    p.add_argument("--categories", nargs="+", choices=["dress", "shirt", "toptee"], help="FashionIQ categories")
+    p.add_argument("--batch-size", type=int, help="queries per batch (default 64; --config: evaluation.batch_size)")
+    p.add_argument("--rerank-k", type=int, nargs="+", help="re-ranking models: rows rerank@K for these K")
+    p.add_argument("--fusion", type=float, help="re-ranking models: also rows re-ranker + W x stage-I cosine")
+    p.add_argument("--max-queries", type=int, help="evaluate the first N queries only (CPU budget)")
+    p.add_argument("--decode", action="store_true", help="decode every image first and leave out the unreadable "
+                   "ones (as missing ones always are)")
+    p.add_argument("--run-dir", type=Path, help="output folder (default: runs/eval/<name>-<split>-<time>)")
     p.set_defaults(func=evaluate)
 
 
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Rows = result names, columns = the union of metric names, in first-seen order."""
-    columns = list(dict.fromkeys(k for metrics in results.values() for k in metrics))
-    width = max(len(r) for r in results) if results else 4
-    lines = ["  ".join([" " * width, *(f"{c:>8}" for c in columns)])]
-    for name, metrics in results.items():
-        cells = (f"{metrics[c]:8.2f}" if c in metrics else f"{'-':>8}" for c in columns)
-        lines.append("  ".join([name.ljust(width), *cells]))
-    return "\n".join(lines)
-
-
 def evaluate(args: argparse.Namespace) -> int:
-    from cirlab.data.registry import load_splits
-    from cirlab.evaluation.protocols import combine_splits
-    from cirlab.methods import METHODS
-    from cirlab.models import load_backbone
-    from cirlab.training.run import RunDir
-    from cirlab.utils.io import atomic_write_json
+    if args.model is not None:
+        if args.overrides:
+            raise ValueError("--set applies to --config only")
+        return _evaluate_model(args)
+    return _evaluate_config(args)
 
-    cfg = load_config(args.config, args.overrides)
-    name = cfg.method.get("name")
-    if name not in METHODS:
-        raise ValueError(f"{args.config}: method.name must be one of {sorted(METHODS)}, got {name!r}")
-    if not cfg.model.backbone:
-        raise ValueError(f"{args.config}: model.backbone must name a backbone folder to evaluate")
-    backbone = load_backbone(cfg.model.backbone, kind=cfg.model.kind)
-    categories = cfg.data.categories if cfg.data.dataset == "fashioniq" else None
-    splits = load_splits(cfg.data.dataset, cfg.data.root, cfg.evaluation.split, categories=categories)
-    method = importlib.import_module(METHODS[name])
-    run = RunDir.create(cfg, args.run_dir)
-    if not any(s.has_targets for s in splits):  # a test split: write the server's files instead
-        return _predict(method, cfg, backbone, splits, run.path)
-    # FashionIQ: one split per category
-    per_split = [method.evaluate(cfg, backbone, split, out=run.path) for split in splits]
-    results = {row: combine_splits(splits, [r[row] for r in per_split]) for row in per_split[0]}
-    atomic_write_json(run.path / "metrics.json", results, indent=1)
-    for split in splits:
-        print(f"{split.name}: {len(split.queries)} queries, {len(split.gallery)} images")
-    print(f"backbone {cfg.model.backbone}")
-    print(format_table(results))
-    print(f"metrics: {run.path / 'metrics.json'}")
+
+def _out_dir(args: argparse.Namespace, name: str, split: str) -> Path:
+    """The output folder, created only once everything has loaded (a refused command leaves none)."""
+    out = args.run_dir or Path("runs/eval") / f"{name}-{split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "metrics.json").exists():
+        raise FileExistsError(f"{out} already holds an evaluation; pick another --run-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _evaluate_model(args: argparse.Namespace) -> int:
+    import cirlab
+
+    dataset = args.dataset or "shapes"
+    root = args.root or Path("runs/demo/shapes")
+    split_name = args.split or "test"
+    splits = _splits(dataset, root, split_name, args.categories, args.decode)
+    composer = cirlab.load(args.model)
+    folder = args.model.resolve()
+    name = folder.parent.name if folder.name == "model" else folder.name  # <run>/model: the run's name
+    out = _out_dir(args, name, split_name)
+    options = dict(batch_size=args.batch_size or 64, rerank_ks=args.rerank_k, fusion_weight=args.fusion,
+                   max_queries=args.max_queries)
+    _run([composer], splits, out, name, options,
+         {"model": str(args.model.resolve()), "dataset": dataset, "root": str(root), "split": split_name})
     return 0
 
 
-def _predict(method, cfg, backbone, splits, out: Path) -> int:
-    """CIRR test1 (no targets): one pair of submission files per result row, named <name>-<row>."""
-    from cirlab.evaluation.submission import write_cirr_submission
+def _evaluate_config(args: argparse.Namespace) -> int:
+    from cirlab.methods import method_module
 
-    if cfg.data.dataset != "cirr" or not hasattr(method, "predict"):
-        raise ValueError(f"{cfg.data.dataset}/{cfg.evaluation.split} has no targets to score, and test "
-                         f"submissions are written for CIRR by methods with predict() only")
-    for row, (ranked, subset) in method.predict(cfg, backbone, splits[0], out=out).items():
-        for path in write_cirr_submission(out, f"{cfg.name}-{row}".replace("+", "_").replace("@", "at"),
-                                          ranked, subset, split=splits[0]):
-            print(f"wrote {path}")
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.method:
+        raise ValueError(f"{args.config}: the config has no method section")
+    if args.dataset or args.root:
+        raise ValueError("--config takes the dataset from data.dataset / data.root (use --set)")
+    split_name = args.split or cfg.evaluation.split
+    categories = cfg.data.categories if cfg.data.dataset == "fashioniq" else None
+    splits = _splits(cfg.data.dataset, cfg.data.root, split_name, args.categories or categories, args.decode)
+    method = method_module(cfg.method.name, str(args.config))
+    meta = {"config": cfg.model_dump(mode="json"), "split": split_name}
+    if cfg.method.name == "pretrain":
+        return _evaluate_pretrain(args, cfg, splits, meta)
+    if not hasattr(method, "composers"):
+        raise ValueError(f"{args.config}: method {cfg.method.name!r} is trained: evaluate its exported model "
+                         f"with cirlab eval --model <run>/model")
+    composers = method.composers(cfg)
+    out = _out_dir(args, cfg.name, split_name)
+    options = dict(batch_size=args.batch_size or cfg.evaluation.batch_size, max_queries=args.max_queries)
+    _run(composers, splits, out, cfg.name, options, meta)
+    return 0
+
+
+def _splits(dataset: str, root: Path | str, split: str, categories: list[str] | None, decode: bool = False):
+    """The splits without their missing (``decode``: or undecodable) images, reported once."""
+    from cirlab.data.check import drop_missing
+    from cirlab.data.registry import load_splits
+
+    kept = []
+    for s in load_splits(dataset, root, split, categories=categories if dataset == "fashioniq" else None):
+        s, dropped = drop_missing(s, decode=decode)
+        if dropped.images:
+            print(dropped)
+        kept.append(s)
+    return kept
+
+
+def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> None:
+    """Evaluate each composer, print one table, write metrics.json, eval.json and the predictions."""
+    from cirlab.evaluation.evaluate import evaluate_composer, write_predictions
+    from cirlab.retrieval.topk import save_topk
+    from cirlab.training.run import environment
+    from cirlab.utils.io import atomic_write_json
+    from cirlab.utils.report import format_table
+
+    metrics: dict[str, dict[str, float]] = {}
+    written: list[Path] = []
+    for composer in composers:
+        grounded = composer.kind == "grounded"
+        result = evaluate_composer(composer, splits, topk_depths=[10, 20, 50, 100, 200] if grounded else None,
+                                   topk_k=200 if grounded else None, **options)
+        metrics.update(result.metrics)
+        for row in result.rankings:
+            written += write_predictions(out, name, result, row)
+        for split, topk in zip(result.splits, result.topk):
+            written.append(save_topk(out / f"topk_{split.name.replace('/', '_')}.pt", topk))
+    atomic_write_json(out / "eval.json", {**meta, "options": options, "environment": environment(0)}, indent=1)
+    for split in splits:
+        print(f"{split.name}: {len(split.queries)} queries, {len(split.gallery)} images")
+    if metrics:
+        atomic_write_json(out / "metrics.json", metrics, indent=1)
+        print(format_table(metrics))
+        print(f"metrics: {out / 'metrics.json'}")
+    print("predictions: " + ", ".join(str(p) for p in written))
+
+
+def _evaluate_pretrain(args, cfg, splits, meta) -> int:
+    from cirlab.methods import pretrain
+    from cirlab.methods.common import stage_backbone
+    from cirlab.utils.io import atomic_write_json
+    from cirlab.utils.report import format_table
+
+    backbone = stage_backbone(cfg, "pretrain eval")
+    results = pretrain.evaluate(cfg, backbone, splits[0])
+    out = _out_dir(args, cfg.name, splits[0].split)
+    atomic_write_json(out / "metrics.json", results, indent=1)
+    atomic_write_json(out / "eval.json", meta, indent=1)
+    print(format_table(results))
+    print(f"metrics: {out / 'metrics.json'}")
     return 0

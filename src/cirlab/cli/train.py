@@ -1,10 +1,11 @@
-"""``cirlab pretrain|train``: run a method's training on the engine from a config file."""
+"""``cirlab pretrain|train``: run a method's training on the engine from a config file.
+
+The run ends with one self-contained model folder, ``<run>/model`` (pretraining:
+``<run>/backbone``), written from the checkpoint that ``trainer.select_metric`` chose."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 from pathlib import Path
 
 from cirlab.config import load_config
@@ -24,9 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def train(args: argparse.Namespace) -> int:
     from cirlab.data.images import collate_skip_none
-    from cirlab.methods import METHODS
+    from cirlab.methods import method_module
+    from cirlab.training.checkpoint import load_checkpoint
     from cirlab.training.engine import Trainer
     from cirlab.training.run import RunDir
+    from cirlab.utils.report import format_metrics
     from cirlab.utils.seed import seed_everything
 
     if args.resume:
@@ -40,19 +43,31 @@ def train(args: argparse.Namespace) -> int:
         raise ValueError("--config is required (or --resume --run-dir DIR to continue a run)")
     else:
         run, cfg = None, load_config(args.config, args.overrides)
-    name = cfg.method.get("name", "pretrain" if args.command == "pretrain" else None)
-    method = importlib.import_module(METHODS[name]) if name in METHODS else None
-    if method is None or not hasattr(method, "build"):
-        trainable = sorted(n for n, m in METHODS.items() if hasattr(importlib.import_module(m), "build"))
-        raise ValueError(f"{args.config}: method.name must be a trainable method, one of {trainable}; got {name!r}")
+    source = args.config or run.config_path
+    if not cfg.method:
+        raise ValueError(f"{source}: the config has no method section")
+    method = method_module(cfg.method.name, str(source))
+    if not hasattr(method, "build"):
+        raise ValueError(f"{source}: method {cfg.method.name!r} is not trainable (evaluate it with cirlab eval)")
+    select = cfg.trainer.select_metric
     seed_everything(cfg.seed)  # before build: the model's random initialisation is part of the run
-    model, train_data, evaluate = method.build(cfg)
+    stage = method.build(cfg)
+    if select is not None and select not in stage.metric_names:
+        raise ValueError(f"{source}: trainer.select_metric {select!r} is not a validation metric of this stage "
+                         f"(one of {', '.join(stage.metric_names)})")
     run = run or RunDir.create(cfg, args.run_dir)  # only once the config has proved buildable
-    trainer = Trainer(model, train_data, cfg, run, collate_fn=collate_skip_none, evaluate=evaluate, resume=args.resume,
-                      param_groups=getattr(model, "param_groups", lambda: None)())
+    trainer = Trainer(stage.model, stage.train_data, cfg, run, collate_fn=collate_skip_none, evaluate=stage.evaluate,
+                      resume=args.resume, param_groups=stage.param_groups)
     metrics = trainer.fit()
-    if hasattr(method, "export"):
-        print(f"exported {method.export(model, run)}")
-    print(json.dumps(metrics, indent=1))
+    provenance = {"run": str(run.path.resolve()), "checkpoint": "final", "step": metrics.get("step")}
+    if select is not None and run.best.is_file():
+        best = load_checkpoint(run.best)
+        stage.model.load_state_dict(best["model"])
+        provenance.update(checkpoint="best.pt", step=best["step"], select_metric=select, value=best["best_metric"])
+    folder = stage.export(stage.model, run.path / ("backbone" if cfg.method.name == "pretrain" else "model"), provenance)
+    which = f"best.pt (step {provenance['step']}, {select} = {provenance['value']:.2f})" \
+        if provenance["checkpoint"] == "best.pt" else f"the final weights (step {provenance['step']})"
+    print(f"exported {folder} from {which}")
+    print(format_metrics(metrics))
     print(f"run directory: {run.path}")
     return 0

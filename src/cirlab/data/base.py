@@ -68,10 +68,13 @@ class CIRSplit:
 
 
 def read_records(path: Path, what: str) -> list[dict[str, Any]]:
-    """A JSON file holding a list of objects (the annotation format of every benchmark)."""
+    """A JSON file holding a non-empty list of objects (the annotation format of every benchmark);
+    an empty list is an error, as it is what a truncated download or a bad export leaves."""
     data = read_json(path, what)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{path}: no queries (the {what} holds an empty list)")
     for i, record in enumerate(data):
         if not isinstance(record, dict):
             raise ValueError(f"{path}: record {i} is a {type(record).__name__}, expected an object")
@@ -87,6 +90,21 @@ def field(record: dict[str, Any], key: str, path: Path, index: int, kind: type |
         expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise ValueError(f"{path}: record {index} has {key}={value!r:.80}, expected {expected}")
     return value
+
+
+def check_unique_qids(queries: list[Query], path: Path) -> None:
+    """Query ids key predictions files, so two records with one id could not be told apart."""
+    first: dict[str, int] = {}
+    for i, q in enumerate(queries):
+        if q.qid in first:
+            raise ValueError(f"{path}: records {first[q.qid]} and {i} have the same query id {q.qid!r}")
+        first[q.qid] = i
+
+
+def check_gallery(gallery: list[str], path: Path) -> None:
+    """An empty gallery can only come from a broken split file; nothing could be retrieved."""
+    if not gallery:
+        raise ValueError(f"{path}: no gallery images")
 
 
 def check_split_name(split: str, allowed: tuple[str, ...], dataset: str) -> None:

@@ -1,21 +1,29 @@
-"""``cirlab data check``: does every image a split refers to exist on disk?
+"""``cirlab data check``: does every image a split refers to exist on disk, and can it be read?
 
 Run before a long job: FashionIQ mirrors lack many images (REFERENCE 0.7), and a wrong
 ``root`` shows up here as "everything missing" rather than as a crash hours in. Each
 distinct file is stat-ed once, so tens of thousands of ids take well under a second;
-``decode=True`` also opens every file with Pillow to catch truncated or non-image files.
+``decode=True`` also decodes every file as the datasets do (:func:`load_image`), to catch
+truncated, non-image or oversized files.
+
+:func:`drop_missing` removes what is not on disk from a split, so that evaluation can run
+on what exists (and say how much it left out) instead of refusing to start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import Any, Literal
 
 from cirlab.data.base import CIRSplit
+from cirlab.data.images import load_image
+
+Status = Literal["ok", "missing", "unreadable"]
 
 
 def _referenced_ids(split: CIRSplit) -> set[str]:
@@ -31,72 +39,156 @@ def _referenced_ids(split: CIRSplit) -> set[str]:
     return ids
 
 
-def _readable(path: Path, decode: bool) -> bool:
+def _file_status(path: Path, decode: bool) -> Status:
     try:
         st = os.stat(path)
     except OSError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-        return False
+        return "missing"
+    if not stat.S_ISREG(st.st_mode):
+        return "missing"
+    if st.st_size == 0:
+        return "unreadable"
     if decode:
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception:  # Pillow raises many types for a corrupt file; all mean "unreadable"
-            return False
-    return True
+            load_image(path)
+        except OSError:
+            return "unreadable"
+    return "ok"
+
+
+def image_status(split: CIRSplit, ids: Iterable[str], *, decode: bool = False,
+                 seen: dict[Path, Status] | None = None) -> dict[str, Status]:
+    """``{id: "missing" | "unreadable"}`` for those of ``ids`` that cannot be read.
+
+    An id's file is the first existing one (what :meth:`CIRSplit.find_image` and the datasets
+    read), so a broken .png next to a good .jpg counts as unreadable. ``seen`` caches each
+    file's status across calls (FashionIQ's categories share one images/ folder).
+    """
+    seen = {} if seen is None else seen
+    bad: dict[str, Status] = {}
+    for image_id in ids:
+        status: Status = "missing"
+        for path in split.image_paths(image_id):
+            if path not in seen:
+                seen[path] = _file_status(path, decode)
+            if seen[path] != "missing":
+                status = seen[path]
+                break
+        if status != "ok":
+            bad[image_id] = status
+    return bad
 
 
 def check_splits(splits: list[CIRSplit], *, decode: bool = False) -> dict[str, Any]:
     """Counts and missing images, summed over ``splits`` (e.g. FashionIQ's three categories).
 
-    Returns ``{"queries", "gallery", "missing": sorted unique ids, "splits": [per-split detail]}``;
-    ``gallery`` sums each split's distinct gallery ids.
+    Returns ``{"queries", "gallery", "missing", "unreadable", "splits": [per-split detail]}``;
+    ``missing`` lists (sorted, unique) every id that cannot be used, absent or unreadable,
+    ``unreadable`` those of them whose file exists but cannot be read; ``gallery`` sums each
+    split's distinct gallery ids.
     """
-    seen: dict[Path, bool] = {}  # FashionIQ categories share one images/ folder
-    missing: set[str] = set()
+    seen: dict[Path, Status] = {}
+    bad: dict[str, Status] = {}
     details = []
     for split in splits:
         ids = _referenced_ids(split)
-        split_missing = set()
-        for image_id in ids:
-            found = False
-            for path in split.image_paths(image_id):
-                if path not in seen:
-                    seen[path] = _readable(path, decode)
-                if seen[path]:
-                    found = True
-                    break
-            if not found:
-                split_missing.add(image_id)
-        missing |= split_missing
+        split_bad = image_status(split, ids, decode=decode, seen=seen)
+        bad.update(split_bad)
         details.append(
             {
                 "name": split.name,
                 "queries": len(split.queries),
                 "gallery": len(set(split.gallery)),
                 "images": len(ids),
-                "missing": len(split_missing),
+                "missing": len(split_bad),
+                "unreadable": sum(s == "unreadable" for s in split_bad.values()),
             }
         )
     return {
         "queries": sum(d["queries"] for d in details),
         "gallery": sum(d["gallery"] for d in details),
-        "missing": sorted(missing),
+        "missing": sorted(bad),
+        "unreadable": sorted(i for i, s in bad.items() if s == "unreadable"),
         "splits": details,
     }
 
 
+def _examples(ids: list[str], n: int) -> str:
+    return ", ".join(ids[:n]) + (", ..." if len(ids) > n else "")
+
+
 def format_check(report: dict[str, Any], examples: int = 5) -> str:
     """A short human-readable table of :func:`check_splits`' report."""
-    lines = [
-        f"{d['name']}: {d['queries']} queries, {d['gallery']} gallery images, "
-        f"{d['missing']} of {d['images']} referenced images missing"
-        for d in report.get("splits", [])
-    ]
+    lines = []
+    for d in report.get("splits", []):
+        line = (f"{d['name']}: {d['queries']} queries, {d['gallery']} gallery images, "
+                f"{d['missing']} of {d['images']} referenced images missing")
+        if d.get("unreadable"):
+            line += f" ({d['unreadable']} unreadable)"
+        lines.append(line)
+    unreadable = report.get("unreadable", [])
+    if unreadable:
+        lines.append(f"unreadable (the file exists but cannot be decoded): {len(unreadable)} "
+                     f"(e.g. {_examples(unreadable, examples)})")
     missing = report["missing"]
     total = f"total: {report['queries']} queries, {report['gallery']} gallery images, {len(missing)} missing"
     if missing:
-        more = ", ..." if len(missing) > examples else ""
-        total += f" (e.g. {', '.join(missing[:examples])}{more})"
+        total += f" (e.g. {_examples(missing, examples)})"
     return "\n".join([*lines, total])
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """What :func:`drop_missing` removed from split ``name``; ``str()`` is its one-line report."""
+
+    name: str
+    images: tuple[str, ...]  # referenced image ids that are absent (or unreadable), sorted
+    gallery: tuple[str, ...]  # gallery ids removed
+    queries: tuple[str, ...]  # qids removed
+    positives_trimmed: int  # queries kept with some (not all) of their positives removed
+    gallery_before: int
+    queries_before: int
+
+    def __str__(self) -> str:
+        if not self.images:
+            return f"{self.name}: every referenced image is on disk"
+        text = (f"{self.name}: {len(self.images)} images missing or unreadable "
+                f"(e.g. {_examples(list(self.images), 5)}); evaluating without {len(self.gallery)} of {self.gallery_before} gallery images and "
+                f"{len(self.queries)} of {self.queries_before} queries")
+        if self.queries:
+            text += f" (e.g. {_examples(list(self.queries), 5)})"
+        if self.positives_trimmed:
+            text += f"; {self.positives_trimmed} queries lost some of their positives"
+        return text
+
+
+def drop_missing(split: CIRSplit, *, decode: bool = False) -> tuple[CIRSplit, Dropped]:
+    """``split`` without the images that are not on disk, and a :class:`Dropped` report.
+
+    Removes missing gallery images, and every query whose reference, target or any
+    ``subset`` member is missing (Rs@K needs the whole member set), or all of whose positives
+    are; a kept query loses only its missing positives. With nothing missing, ``split``
+    itself comes back. ``decode=True`` also counts files that cannot be decoded (slow: it
+    decodes every image once). Raises ValueError when no query or no gallery image is left,
+    which usually means a wrong dataset root.
+    """
+    bad = image_status(split, _referenced_ids(split), decode=decode)
+    if not bad:
+        return split, Dropped(split.name, (), (), (), 0, len(split.gallery), len(split.queries))
+    gallery = [i for i in split.gallery if i not in bad]
+    queries, dropped, trimmed = [], [], 0
+    for q in split.queries:
+        positives = tuple(p for p in q.positives if p not in bad)
+        needed = [q.reference, *([q.target] if q.target is not None else []), *(q.subset or ())]
+        if any(i in bad for i in needed) or (q.positives and not positives):
+            dropped.append(q.qid)
+            continue
+        if positives != q.positives:
+            trimmed += 1
+            q = dataclasses.replace(q, positives=positives)
+        queries.append(q)
+    report = Dropped(split.name, tuple(sorted(bad)), tuple(i for i in split.gallery if i in bad),
+                     tuple(dropped), trimmed, len(split.gallery), len(split.queries))
+    if not queries or not gallery:
+        raise ValueError(f"{report}: nothing left to evaluate; is the dataset root right?")
+    return dataclasses.replace(split, queries=queries, gallery=gallery), report

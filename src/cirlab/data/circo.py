@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cirlab.data.base import CIRSplit, PathTable, Query, check_split_name, field, read_records
+from cirlab.data.base import (
+    CIRSplit,
+    PathTable,
+    Query,
+    check_gallery,
+    check_split_name,
+    check_unique_qids,
+    field,
+    read_records,
+)
 from cirlab.utils.io import read_json
 
 SPLITS = ("val", "test")
@@ -46,7 +55,9 @@ def load_circo(root: str | Path, split: str) -> CIRSplit:
                 extra={"shared_concept": field(r, "shared_concept", path, i, str)},
             )
         )
+    check_unique_qids(queries, path)
     relpaths = _gallery(root / IMAGE_INFO)
+    check_gallery(list(relpaths), root / IMAGE_INFO)
     return CIRSplit(
         dataset="circo",
         split=split,

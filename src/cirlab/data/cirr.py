@@ -24,7 +24,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cirlab.data.base import CIRSplit, PathTable, Query, check_split_name, field, read_records
+from cirlab.data.base import (
+    CIRSplit,
+    PathTable,
+    Query,
+    check_gallery,
+    check_split_name,
+    check_unique_qids,
+    field,
+    read_records,
+)
 from cirlab.utils.io import read_json
 
 CIRR_SPLITS = ("train", "val", "test1")
@@ -63,12 +72,14 @@ def _load(root: Path, split: str, version: str, dataset: str) -> CIRSplit:
         isinstance(k, str) and isinstance(v, str) for k, v in relpaths.items()
     ):
         raise ValueError(f"{split_path}: expected a JSON object mapping image id -> relative path")
+    check_gallery(list(relpaths), split_path)
 
     has_targets = not split.startswith("test") or dataset == "shapes"
     queries = [
         _query(r, cap_path, i, has_targets, scene_positives=dataset == "shapes")
         for i, r in enumerate(read_records(cap_path, f"{dataset} caption file"))
     ]
+    check_unique_qids(queries, cap_path)
     return CIRSplit(
         dataset=dataset,
         split=split,

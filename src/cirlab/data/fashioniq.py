@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-from cirlab.data.base import CIRSplit, Query, check_split_name, field, read_records
+from cirlab.data.base import CIRSplit, Query, check_gallery, check_split_name, field, read_records
 from cirlab.utils.io import read_json
 
 CATEGORIES = ("dress", "shirt", "toptee")
@@ -46,8 +46,9 @@ def load_fashioniq(root: str | Path, split: str, category: str) -> CIRSplit:
     queries = []
     for i, r in enumerate(records):
         captions = field(r, "captions", cap_path, i, list)
-        if not captions or not all(isinstance(c, str) for c in captions):
-            raise ValueError(f"{cap_path}: record {i} has captions={captions!r:.80}, expected a list of strings")
+        if len(captions) != 2 or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{cap_path}: record {i} has captions={captions!r:.80}, expected a list of 2 strings "
+                             "(every FashionIQ query has two relative captions)")
         # Test captions may come without targets; everywhere else a target is required.
         target = r.get("target") if split == "test" else field(r, "target", cap_path, i, str)
         queries.append(
@@ -62,6 +63,7 @@ def load_fashioniq(root: str | Path, split: str, category: str) -> CIRSplit:
         )
     split_path = root / "image_splits" / f"split.{category}.{split}.json"
     gallery = _read_id_list(split_path)
+    check_gallery(gallery, split_path)
     return CIRSplit(
         dataset="fashioniq",
         split=split,

@@ -8,6 +8,7 @@ skipped in a :class:`MissingImages` tracker that warns once instead of once per 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,10 +18,29 @@ from torch.utils.data import default_collate
 log = logging.getLogger("cirlab.data")
 
 
+class UnreadableImage(OSError):
+    """A file that exists but cannot be decoded; an OSError so that every caller that skips
+    absent images (``FileNotFoundError``) skips these too."""
+
+
 def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully into an RGB image (raises OSError when absent or unreadable)."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    """Decode ``path`` fully into an RGB image.
+
+    An absent file raises FileNotFoundError; any file Pillow cannot decode raises
+    :class:`UnreadableImage` naming it. That includes images above ``Image.MAX_IMAGE_PIXELS``
+    (Pillow's 89.5 Mpx, far above any benchmark image): Pillow itself only warns
+    (DecompressionBombWarning) up to twice that and raises a non-OSError beyond it; both
+    are treated as unreadable rather than decoded into gigabytes of memory.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert("RGB")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... for a corrupt file
+        raise UnreadableImage(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
 
 
 class MissingImages:

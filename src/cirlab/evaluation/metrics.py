@@ -33,6 +33,13 @@ def _pad_columns(ranking: Tensor, k: int) -> Tensor:
     return torch.cat([ranking, pad], dim=1)
 
 
+def _scores(sim: Tensor) -> Tensor:
+    """``sim`` detached, in float64 when it is float64 (float32 would merge scores that differ
+    below its resolution), else in float32 (lossless for half precision, and the dtype every
+    earlier result was ranked in, ties included)."""
+    return sim.detach().to(torch.promote_types(sim.dtype, torch.float32))
+
+
 def rank_gallery(sim: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
     """Top-``k`` gallery indices per query, with ``exclude[q]`` (if >= 0) deleted from row q.
 
@@ -44,11 +51,11 @@ def rank_gallery(sim: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
         raise ValueError(f"similarity must be [queries, gallery], got shape {tuple(sim.shape)}")
     if torch.isnan(sim).any():
         raise ValueError("similarity matrix contains NaN")
-    sim = sim.detach().float()
+    sim = _scores(sim)
     if exclude is not None:
         exclude = exclude.to(sim.device)
         rows = torch.nonzero(exclude >= 0).squeeze(1)
-        sim = sim.index_put((rows, exclude[rows]), torch.tensor(float("-inf"), device=sim.device))
+        sim = sim.index_put((rows, exclude[rows]), sim.new_tensor(float("-inf")))
     ranking = sim.topk(min(k, sim.shape[1]), dim=1).indices
     if exclude is not None:  # only reachable when k >= G: the excluded item sits last
         ranking = ranking.masked_fill(ranking == exclude[:, None], -1)
@@ -66,7 +73,7 @@ def rank_subset(sim: Tensor, members: Tensor, exclude: Tensor | None = None) -> 
     valid = members >= 0
     if exclude is not None:
         valid &= members != exclude.to(sim.device)[:, None]
-    scores = sim.detach().float().gather(1, members.clamp(min=0)).masked_fill(~valid, float("-inf"))
+    scores = _scores(sim).gather(1, members.clamp(min=0)).masked_fill(~valid, float("-inf"))
     order = scores.argsort(dim=1, descending=True, stable=True)
     ranked = members.gather(1, order).masked_fill(~valid.gather(1, order), -1)
     return ranked.cpu()

@@ -127,11 +127,11 @@ def read_predictions(path: str | os.PathLike,
                      qids: Sequence[str] | None = None) -> tuple[dict[str, str], dict[str, list[str]]]:
     """Read any of the formats above into ``(meta, {query id: [image ids as strings]})``.
 
-    Checks the structure (a JSON object of lists of unique ids) and, given ``qids``, that
-    the file covers exactly those queries; every error names the file and the key.
+    Checks the structure (a JSON object of lists of unique ids, no key twice) and, given
+    ``qids``, that the file covers exactly those queries; every error names the file and the key.
     """
     path = Path(path)
-    data = read_json(path, "predictions file")
+    data = read_json(path, "predictions file", unique_keys=True)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object mapping query ids to ranked image ids, "
                          f"got {type(data).__name__}")

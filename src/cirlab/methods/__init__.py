@@ -1,13 +1,16 @@
 """Methods: each is a module over the one training engine, configured by the ``method`` section.
 
-``METHODS`` maps a config's ``method.name`` to the module that implements it. A trainable
-method offers ``build(cfg) -> (model, train_data, evaluate_callback)`` for ``cirlab train`` and
-optionally ``export(model, run)``; an evaluable one offers
-``evaluate(cfg, backbone, split, out=None) -> {row name: metrics}`` for ``cirlab eval`` (``out``:
-the eval run folder, for files such as a top-K export) and optionally
-``predict(cfg, backbone, split, out=None) -> {row name: (ranked ids, subset ranked ids)}`` for
-splits without targets (the CIRR test submission).
+``METHODS`` maps a config's ``method.name`` to its module. Every module offers
+``config_model(data, source)``, which validates the section into the typed model of its stage
+(unknown keys are errors; the resolved defaults are written into a run's ``config.yaml``). A
+trainable method offers ``build(cfg) -> Stage`` (:class:`cirlab.methods.common.Stage`) for
+``cirlab train``; an evaluation-only one ``composers(cfg)`` for ``cirlab eval --config``.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 METHODS = {
     "bidirectional": "cirlab.methods.bidirectional",
@@ -15,3 +18,14 @@ METHODS = {
     "rerank": "cirlab.methods.rerank",
     "zeroshot": "cirlab.methods.zeroshot",
 }
+
+
+def method_module(name: Any, source: str = "config"):
+    if name not in METHODS:
+        raise ValueError(f"invalid config {source}:\n  method.name: must be one of {sorted(METHODS)}, got {name!r}")
+    return importlib.import_module(METHODS[name])
+
+
+def method_config(data: dict, source: str = "config"):
+    """The typed config of a ``method`` section."""
+    return method_module(data.get("name"), source).config_model(data, source)

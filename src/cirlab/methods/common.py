@@ -1,18 +1,97 @@
-"""What several methods share: their splits, the cached image-feature table, in-batch CE."""
+"""What several methods share: the stage they hand to ``cirlab train``, their splits, the cached
+image-feature table, in-batch CE."""
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from cirlab.config import ExperimentConfig
+from pydantic import BaseModel
+from torch import nn
+from torch.utils.data import Dataset
+
+from cirlab.composers import Composer, QueryRecipe
+from cirlab.config import ExperimentConfig, validate
 from cirlab.data.base import CIRSplit
 from cirlab.data.registry import load_splits
 from cirlab.data.transforms import build_transform
-from cirlab.models import Backbone
+from cirlab.evaluation.protocols import chance_levels, combine_splits
+from cirlab.models import Backbone, load_backbone
 from cirlab.retrieval.encode import image_features
+
+
+@dataclass
+class Stage:
+    """What a method's ``build(cfg)`` hands to ``cirlab train``: the module whose ``training_step``
+    the engine runs, its data, optimiser groups, the validation callback (flat metrics), the
+    metric names it reports (``trainer.select_metric`` is checked against them before training) and
+    ``export(model, folder, provenance)``, which writes the trained model folder."""
+
+    model: nn.Module
+    train_data: Dataset
+    evaluate: Callable[[nn.Module], Mapping[str, float]]
+    metric_names: list[str]
+    export: Callable[[nn.Module, Path, dict[str, Any]], Path]
+    param_groups: list[dict] | None = None
+
+
+def composer_stage(cfg: ExperimentConfig, model: nn.Module, train_data: Dataset,
+                   to_composer: Callable[[nn.Module], Composer], *, param_groups: list[dict] | None = None,
+                   **eval_options: Any) -> Stage:
+    """A stage whose trained model is a composer: validation and export both go through it
+    (:func:`cirlab.evaluation.evaluate.evaluate_composer`, :meth:`Composer.save`)."""
+    from cirlab.evaluation.evaluate import evaluate_composer
+
+    val_splits = method_splits(cfg, cfg.data.val_split)
+    probe = to_composer(model)
+    names = list(combine_splits(val_splits, [chance_levels(s) for s in val_splits]))
+    if eval_options.get("topk_depths"):
+        names += [f"R@{k}" for k in eval_options["topk_depths"]]
+    if probe.bidirectional and cfg.data.dataset == "shapes":
+        names += [f"backward/{n}" for n in names]
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        composer = to_composer(m)
+        result = evaluate_composer(composer, val_splits, batch_size=cfg.evaluation.batch_size, **eval_options)
+        return result.flat(primary=composer.name)
+
+    def export(m: nn.Module, folder: Path, provenance: dict[str, Any]) -> Path:
+        return to_composer(m).save(folder, provenance)
+
+    return Stage(model, train_data, evaluate, list(dict.fromkeys(names)), export, param_groups)
+
+
+def recipe_of(cfg: ExperimentConfig, mcfg: BaseModel) -> QueryRecipe:
+    """The query recipe of a stage: the data's image preprocessing and the method's text options."""
+    return QueryRecipe(direction=getattr(mcfg, "direction", "none"),
+                       backward_text=getattr(mcfg, "backward_text", "forward"),
+                       max_text_length=mcfg.max_text_length, transform=cfg.data.transform,
+                       target_ratio=cfg.data.target_ratio)
+
+
+def stage_config(configs: Mapping[str, type[BaseModel]], data: Mapping[str, Any], source: str) -> BaseModel:
+    """Validate a method section with the typed model of its ``stage`` (one model per stage)."""
+    stage = data.get("stage", next(iter(configs)))
+    if stage not in configs:
+        raise ValueError(f"invalid config {source}:\n  method.stage: must be one of {list(configs)}, got {stage!r}")
+    return validate(configs[stage], {**data, "stage": stage}, f"{source} (method)")
+
+
+def backbone_folder(path: str | Path) -> Path:
+    """A backbone folder, or the backbone inside a model folder (the previous stage's export)."""
+    path = Path(path)
+    return path / "backbone" if (path / "composer.json").is_file() else path
+
+
+def stage_backbone(cfg: ExperimentConfig, what: str) -> Backbone:
+    """The backbone a stage starts from (``model.backbone``: a backbone or a model folder)."""
+    if not cfg.model.backbone:
+        raise ValueError(f"{what}: model.backbone must name a backbone or model folder")
+    return load_backbone(backbone_folder(cfg.model.backbone), kind=cfg.model.kind)
 
 
 def method_splits(cfg: ExperimentConfig, split: str) -> list[CIRSplit]:

@@ -10,7 +10,7 @@ The result is saved with ``save_pretrained`` + tokenizer files, like a real chec
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cirlab.config import ExperimentConfig, ModelConfig, Strict, validate
+from cirlab.methods.common import Stage
 from cirlab.data.base import CIRSplit
 from cirlab.data.registry import load_split
 from cirlab.data.torch_data import GalleryDataset, make_loader
@@ -30,7 +31,7 @@ from cirlab.utils.io import read_json
 
 
 class PretrainConfig(Strict):
-    name: str = "pretrain"
+    name: Literal["pretrain"] = "pretrain"
     itm: bool = True
     # BLIP runs ITM on every image and caption of the batch; on 2 CPU cores that triples the
     # step time, so the small backbones use hard negatives for the first fraction of the batch.
@@ -38,6 +39,10 @@ class PretrainConfig(Strict):
     temperature: float = 0.07
     max_text_length: int = 64
     eval_images: int | None = Field(None, description="evaluate on the first N test images (all when None)")
+
+
+def config_model(data: dict, source: str) -> PretrainConfig:
+    return validate(PretrainConfig, dict(data), f"{source} (method)")
 
 
 def backbone_from_config(cfg: ModelConfig) -> Backbone:
@@ -204,10 +209,9 @@ def _check_shapes(cfg: ExperimentConfig) -> None:
         raise ValueError(f"pretrain: data.dataset must be shapes (scene captions), got {cfg.data.dataset!r}")
 
 
-def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,
-             out: Path | None = None) -> dict[str, dict[str, float]]:
+def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit) -> dict[str, dict[str, float]]:
     """``cirlab eval`` of a pretrained backbone: scene caption retrieval, in fp32."""
-    mcfg = validate(PretrainConfig, cfg.method, "method")
+    mcfg = cfg.method
     _check_shapes(cfg)
     transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
     metrics = scene_retrieval(backbone, split, scene_captions(cfg.data.root, split.split), transform,
@@ -217,24 +221,26 @@ def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit,
             "reference scenes": {k.removeprefix(REFS): v for k, v in metrics.items() if k.startswith(REFS)}}
 
 
-def export(model: Pretrainer, run) -> Path:
-    """Save the trained backbone in HF format (weights, config, tokenizer) into the run."""
-    return save_backbone(model.backbone, run.path / "backbone")
-
-
-def build(cfg: ExperimentConfig):
-    """Model, training data and evaluation callback of a pretraining run."""
-    mcfg = validate(PretrainConfig, cfg.method, "method")
+def build(cfg: ExperimentConfig) -> Stage:
+    """The pretraining module, its captioned training images, and validation on ``data.val_split``
+    (the checkpoint is selected there; the test split is for ``cirlab eval`` only)."""
+    mcfg = cfg.method
     _check_shapes(cfg)
     backbone = backbone_from_config(cfg.model)
     transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
     train = load_split("shapes", cfg.data.root, cfg.data.train_split)
     train_data = CaptionedImages(train, scene_captions(cfg.data.root, cfg.data.train_split), transform)
-    test = load_split("shapes", cfg.data.root, cfg.evaluation.split)
-    test_captions = scene_captions(cfg.data.root, cfg.evaluation.split)
+    val = load_split("shapes", cfg.data.root, cfg.data.val_split)
+    val_captions = scene_captions(cfg.data.root, cfg.data.val_split)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        return scene_retrieval(model.backbone, test, test_captions, transform, batch_size=cfg.evaluation.batch_size,
+        return scene_retrieval(model.backbone, val, val_captions, transform, batch_size=cfg.evaluation.batch_size,
                                max_text_length=mcfg.max_text_length, eval_images=mcfg.eval_images)
 
-    return Pretrainer(backbone, mcfg), train_data, evaluate
+    names = [f"{p}{d}_R@{k}" for p in ("", REFS) for d in ("i2t", "t2i") for k in (1, 5)]
+
+    def export(model: nn.Module, folder: Path, provenance: dict) -> Path:
+        """The trained backbone in HF format (weights, config, tokenizer): a zero-shot base."""
+        return save_backbone(model.backbone, folder)
+
+    return Stage(Pretrainer(backbone, mcfg), train_data, evaluate, names, export)

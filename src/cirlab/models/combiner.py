@@ -108,17 +108,19 @@ class Combiner(nn.Module):
         return self.logit_scale * torch.cat(chunks)
 
 
-def save_combiner(combiner: Combiner, path: str | Path, backbone: str | Path | None = None) -> Path:
-    """Write the Combiner as a head folder (weights + sizes + the backbone whose features it composes)."""
+def save_combiner(combiner: Combiner, path: str | Path, backbone: str | None = None) -> Path:
+    """Write the Combiner as a head folder (weights + sizes + the fingerprint of the backbone whose
+    features it composes)."""
     config = {"feature_dim": combiner.text_proj.in_features, "projection_dim": combiner.text_proj.out_features,
               "hidden_dim": combiner.combiner_layer.out_features, "dropout": combiner.text_dropout.p,
               "logit_scale": combiner.logit_scale}
     return save_head(combiner, path, "combiner", config, backbone=backbone)
 
 
-def load_combiner(path: str | Path) -> Combiner:
-    """Rebuild a Combiner from its folder alone (no training code or run config needed)."""
-    config, state, _ = read_head(path, "combiner")
+def load_combiner(path: str | Path, backbone: str | None = None) -> Combiner:
+    """Rebuild a Combiner from its folder alone (no training code or run config needed);
+    ``backbone``: the fingerprint of the backbone it is used with, checked against the folder's."""
+    config, state = read_head(path, "combiner", backbone)
     scale = config.pop("logit_scale", 100.0)
     combiner = Combiner(**config)
     combiner.load_state_dict(state)

@@ -238,17 +238,18 @@ class DualEncoderReranker(nn.Module):
         return torch.cat(out).view(q_total, k)
 
 
-def save_reranker(model: DualEncoderReranker, path: str | Path, backbone: str | Path | None = None) -> Path:
+def save_reranker(model: DualEncoderReranker, path: str | Path, backbone: str | None = None) -> Path:
     """Write the re-ranker as a head folder: weights, its text config, ``[ENC]`` id and merge mode,
-    and the stage-I backbone folder whose grounded encoder produces its z_t."""
+    and the fingerprint of the stage-I backbone whose grounded encoder produces its z_t."""
     config = {"text_config": model.config.to_dict(), "enc_token_id": model.enc_token_id, "merge": model.merge}
     return save_head(model, path, "reranker", config, backbone=backbone)
 
 
-def load_reranker(path: str | Path) -> tuple[DualEncoderReranker, str | None]:
-    """``(re-ranker, stage-I backbone folder)`` rebuilt from the folder alone."""
-    config, state, backbone = read_head(path, "reranker")
+def load_reranker(path: str | Path, backbone: str | None = None) -> DualEncoderReranker:
+    """The re-ranker rebuilt from its folder alone; ``backbone``: the fingerprint of the stage-I
+    backbone it is used with, checked against the folder's."""
+    config, state = read_head(path, "reranker", backbone)
     model = DualEncoderReranker(BlipTextConfig.from_dict(config["text_config"]),
                                 enc_token_id=config["enc_token_id"], merge=config["merge"])
     model.load_state_dict(state)
-    return model, backbone
+    return model

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import (
     BlipConfig,
@@ -92,7 +93,13 @@ def load_backbone(
     found_kind, model_cls = MODEL_TYPES[model_type]
     if kind is not None and kind != found_kind:
         raise ValueError(f"backbone folder {path} holds a {found_kind} model (model_type {model_type!r}), not {kind}")
-    model, info = model_cls.from_pretrained(str(path), local_files_only=True, dtype=dtype, output_loading_info=True)
+    try:
+        model, info = model_cls.from_pretrained(str(path), local_files_only=True, dtype=dtype,
+                                                output_loading_info=True)
+    except SafetensorError as e:  # its message names no file
+        weights = path / "model.safetensors"
+        where = weights if weights.is_file() else f"a shard listed in {path / 'model.safetensors.index.json'}"
+        raise ValueError(f"{where} is not a readable safetensors file (truncated?): {e}") from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ValueError(

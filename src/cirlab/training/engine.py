@@ -16,10 +16,15 @@ checkpoint holds the model, the optimiser, the position (epoch, step, step in ep
 every RNG state of every rank. On resume the batches already consumed in the interrupted
 epoch are skipped without being loaded. Evaluation runs with the RNG state saved and
 restored, so evaluating (or not) never changes the training trajectory.
+
+Environment variables: ``CIRLAB_PRECISION`` (fp32|bf16|auto) overrides ``trainer.precision``
+(:func:`select_precision`); ``CIRLAB_TENSORBOARD=1`` also writes TensorBoard event files into
+``<run>/tb``.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, get_worker_info
+from tqdm import tqdm
 
 from cirlab.config import ExperimentConfig, OptimConfig
 from cirlab.training import distributed
@@ -37,6 +43,7 @@ from cirlab.training.distributed import EpochBatchSampler
 from cirlab.training.run import RunDir
 from cirlab.training.schedule import apply_schedule
 from cirlab.utils.progress import progress
+from cirlab.utils.report import format_metrics, main_metric_names
 from cirlab.utils.seed import preserve_rng, rng_state, seed_everything, set_rng_state
 
 Evaluate = Callable[[nn.Module], Mapping[str, float]]
@@ -49,7 +56,8 @@ class Trainer:
     ``weight_decay`` and ``scheduled=False`` to keep a group out of the schedule); by default
     one group with every parameter that requires grad. ``evaluate`` is called on the main rank
     with the unwrapped model every ``eval_every_epochs`` epochs and at the end; its metrics are
-    logged and ``trainer.select_metric`` (higher is better) picks ``best.pt``.
+    logged, printed (the headline ones) and ``trainer.select_metric`` (higher is better) picks
+    ``best.pt``. The run directory is locked for this process (:meth:`RunDir.lock`).
     """
 
     def __init__(
@@ -65,10 +73,12 @@ class Trainer:
         resume: bool = False,
     ) -> None:
         distributed.init_distributed()
+        run.lock()
         t = cfg.trainer
         self.cfg, self.run, self.evaluate_fn, self.collate_fn = cfg, run, evaluate, collate_fn
         self.device = distributed.default_device()
-        self.bf16 = use_bf16(t.precision, self.device)
+        self.precision = select_precision(t.precision, self.device)
+        self.bf16 = self.precision == "bf16"
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(model, param_groups, t.optimizer)
 
@@ -104,12 +114,24 @@ class Trainer:
         self._window: dict[str, float] = {}
         self._window_steps = 0
         self._resume_rng: dict | None = None
-        if resume and run.latest.exists():
+        loaded = resume and run.latest.exists()
+        if loaded:
             self._load(run.latest)
         elif resume:
-            warnings.warn(f"--resume: no checkpoint in {run.path} yet, starting from scratch", stacklevel=2)
+            backup = run.discard_metrics()
+            kept = f"; its old metrics.jsonl is now {backup}" if backup else ""
+            warnings.warn(f"--resume: no checkpoint in {run.path} yet, starting from scratch{kept}", stacklevel=2)
         elif run.latest.exists():
             raise FileExistsError(f"{run.latest} exists: resume this run or use a new run directory")
+        before = run.update_env(precision=self.precision).get("precision", self.precision)
+        if loaded and before != self.precision:
+            warnings.warn(
+                f"{run.path} trained in {before} so far and resumes in {self.precision}: "
+                "the trajectory will differ from an uninterrupted run",
+                stacklevel=2,
+            )
+        # events up to the checkpoint's step stay, as in metrics.jsonl; later ones are logged again
+        self.tensorboard = _tensorboard(run, purge_step=self.step + 1)
 
     # ---------------------------------------------------------------- training loop
 
@@ -118,18 +140,22 @@ class Trainer:
         t = self.cfg.trainer
         if self._resume_rng is None:
             seed_everything(self.cfg.seed + distributed.rank())
-        while self.epoch < t.epochs and not self._budget_spent():
-            self._train_epoch()
-            if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps mid-epoch
-                break
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            if self.evaluate_fn is not None and self.epoch % t.eval_every_epochs == 0:
+        try:
+            while self.epoch < t.epochs and not self._budget_spent():
+                self._train_epoch()
+                if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps mid-epoch
+                    break
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                if self.evaluate_fn is not None and self.epoch % t.eval_every_epochs == 0:
+                    self._evaluate()
+                self._save()
+            if self.evaluate_fn is not None and self._eval_step != self.step:
                 self._evaluate()
-            self._save()
-        if self.evaluate_fn is not None and self._eval_step != self.step:
-            self._evaluate()
-        if self._saved_step != self.step or self._new_best:
-            self._save()
+            if self._saved_step != self.step or self._new_best:
+                self._save()
+        finally:  # also when training stops on an error: the curves up to it are on disk
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
         return {"epoch": self.epoch, "step": self.step, **self.last_train, **self.last_eval}
 
     def _train_epoch(self) -> None:
@@ -203,9 +229,13 @@ class Trainer:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         values = dict(zip(sums, torch.stack([v.float().reshape(()) for v in sums.values()]).tolist()))
         if not np.isfinite(values["loss"]):
+            last = (
+                f"the last good state is {self.run.latest} (step {self._saved_step})"
+                if self._saved_step is not None
+                else f"no checkpoint was saved in {self.run.path} yet"
+            )
             raise FloatingPointError(
-                f"training loss is {values['loss']} at step {self.step} (epoch {self.epoch}); "
-                f"the last good state is {self.run.latest}"
+                f"training loss is {values['loss']} at step {self.step} (epoch {self.epoch}); {last}"
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -224,8 +254,16 @@ class Trainer:
         self._window, self._window_steps = {}, 0
         lr = self.optimizer.param_groups[0]["lr"]
         self.last_train = {f"train_{k}": v for k, v in means.items()}
-        self.run.log({"event": "train", "epoch": self._epochs_done(), "step": self.step, "lr": lr, **means})
+        self._record({"event": "train", "epoch": self._epochs_done(), "step": self.step, "lr": lr, **means})
         bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """One event into metrics.jsonl and, with ``CIRLAB_TENSORBOARD=1``, into TensorBoard."""
+        self.run.log(record)
+        if self.tensorboard is not None:
+            for name, value in record.items():
+                if name not in ("event", "step"):
+                    self.tensorboard.add_scalar(f"{record['event']}/{name}", value, record["step"])
 
     def _epochs_done(self) -> float:
         """Training progress in epochs (2.5 = half-way through the third), as logged."""
@@ -245,15 +283,20 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     metrics = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
             self.model.train()
-            self.run.log({"event": "eval", "epoch": self._epochs_done(), "step": self.step, **metrics})
+            self._record({"event": "eval", "epoch": self._epochs_done(), "step": self.step, **metrics})
             select = self.cfg.trainer.select_metric
+            improved = False
             if select is not None:
                 if select not in metrics:
                     raise ValueError(
                         f"trainer.select_metric: {select!r} is not among the evaluation metrics {sorted(metrics)}"
                     )
-                if self.best_metric is None or metrics[select] > self.best_metric:
+                improved = self.best_metric is None or metrics[select] > self.best_metric
+                if improved:
                     self.best_metric, self._new_best = metrics[select], True
+            headline = format_metrics({k: metrics[k] for k in main_metric_names(metrics, select)})
+            line = f"eval epoch {round(self._epochs_done(), 2):g} step {self.step}: {headline}"
+            tqdm.write(line + ("  (best so far)" if improved else ""))  # keeps progress bars intact
         distributed.barrier()
         self.last_eval, self._eval_step = metrics, self.step
 
@@ -358,22 +401,51 @@ def build_optimizer(model: nn.Module, param_groups: list[dict] | None, cfg: Opti
     return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """``auto``: bf16 autocast on CUDA (when supported), fp32 on the CPU.
+PRECISIONS = ("auto", "fp32", "bf16")
 
-    ``bf16`` on a CPU without native bf16 (AVX512-BF16 or AMX) would be emulated and several
-    times slower than fp32, so it falls back to fp32 with a warning instead."""
-    if precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warnings.warn("trainer.precision bf16: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
-        return False
-    return precision == "bf16"
+
+def select_precision(requested: str, device: torch.device) -> str:
+    """``"bf16"`` or ``"fp32"``: the autocast precision for ``trainer.precision`` on ``device``.
+    ``CIRLAB_PRECISION``, when set, overrides the config (to measure the fp32 path on a bf16
+    machine without editing configs).
+
+    ``auto``: bf16 where the hardware runs it natively (CUDA with bf16 support, a CPU with
+    AVX512-BF16 or AMX), fp32 elsewhere, silently. ``bf16`` is an explicit request: on a CPU
+    without native bf16 it would be emulated and several times slower than fp32, so it falls
+    back to fp32 with a warning. ``fp32`` is fp32."""
+    source, env = "trainer.precision", os.environ.get("CIRLAB_PRECISION")
+    if env:
+        if env not in PRECISIONS:
+            raise ValueError(f"CIRLAB_PRECISION must be one of {', '.join(PRECISIONS)}, got {env!r}")
+        source, requested = "CIRLAB_PRECISION", env
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn(f"{source} bf16: this CPU has no native bf16 (AVX512-BF16/AMX); training in fp32")
+        return "fp32"
+    return requested
 
 
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 matmuls and convolutions natively on this CPU."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _tensorboard(run: RunDir, purge_step: int) -> Any:
+    """A ``SummaryWriter`` on ``<run>/tb`` with ``CIRLAB_TENSORBOARD=1`` (main rank), else None.
+    TensorBoard hides the events from ``purge_step`` on that an earlier attempt wrote, so the
+    curves of a resumed (or restarted) run are not doubled."""
+    if os.environ.get("CIRLAB_TENSORBOARD") != "1" or not distributed.is_main():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            f"CIRLAB_TENSORBOARD=1 needs the tensorboard package (pip install tensorboard): {e}"
+        ) from None
+    return SummaryWriter(str(run.tensorboard_dir), purge_step=purge_step)
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

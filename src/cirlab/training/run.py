@@ -4,17 +4,22 @@
 
     runs/<name>-<YYYYmmdd-HHMMSS>/
         config.yaml      the full validated ExperimentConfig
-        env.json         seed, package versions, git commit, device, world size, command line
+        env.json         seed, package versions, git commit, device, world size, command line,
+                         the precision training ran in
         metrics.jsonl    one JSON object per event ("train" every log_every_steps, "eval")
         latest.pt        full training state, rewritten atomically
         best.pt          the same, at the best value of trainer.select_metric
+        .lock            flock'ed by the process writing the run (see RunDir.lock)
+        tb/              TensorBoard event files, with CIRLAB_TENSORBOARD=1
 
 Only the main rank writes; under ``torchrun`` the other ranks receive the path from rank 0.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -29,7 +34,9 @@ import yaml
 
 from cirlab.config import ExperimentConfig, validate
 from cirlab.training import distributed
-from cirlab.utils.io import atomic_write_json, atomic_write_text, dump_json
+from cirlab.utils.io import atomic_write_json, atomic_write_text, dump_json, read_json
+
+_LOCKS: dict[Path, int] = {}  # run folder -> descriptor of its flock'ed .lock, for this process
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,10 @@ class RunDir:
     def best(self) -> Path:
         return self.path / "best.pt"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tb"
+
     @classmethod
     def create(cls, cfg: ExperimentConfig, out: str | Path | None = None) -> RunDir:
         """A new run directory: ``out`` if given (it must not hold a run yet), otherwise
@@ -63,7 +74,7 @@ class RunDir:
         distributed.init_distributed()
         path: Path | None = None
         if distributed.is_main():
-            path = _make_dir(cfg, out)
+            path = _make_dir(cfg, out)  # locked
             atomic_write_text(path / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
             atomic_write_json(path / "env.json", environment(cfg.seed), indent=2)
         if distributed.is_distributed():
@@ -73,12 +84,29 @@ class RunDir:
         return cls(path)
 
     @classmethod
-    def open(cls, path: str | Path) -> RunDir:
-        """An existing run directory (for ``--resume`` or inspection)."""
+    def open(cls, path: str | Path, *, lock: bool = False) -> RunDir:
+        """An existing run directory: ``lock=True`` to write into it (``--resume``; see :meth:`lock`),
+        ``False`` to inspect it, also while it trains."""
         run = cls(Path(path))
         if not run.config_path.is_file():
             raise FileNotFoundError(f"not a run directory (no config.yaml): {run.path}")
-        return run
+        return run.lock() if lock else run
+
+    def lock(self) -> RunDir:
+        """Hold an exclusive ``flock`` on ``.lock`` until this process exits or calls :meth:`unlock`,
+        so that a second process creating, resuming or training into this folder meanwhile gets a
+        FileExistsError instead of interleaving its writes. The kernel drops the lock when its
+        process dies, so a crash or a SIGKILL leaves no stale lock. Main rank only (the others
+        never write); a no-op when this process holds the lock already."""
+        if distributed.is_main():
+            _lock(self.path)
+        return self
+
+    def unlock(self) -> None:
+        """Let other processes write into the run (a long-lived process done with it)."""
+        fd = _LOCKS.pop(self.path.resolve(), None)
+        if fd is not None:
+            os.close(fd)
 
     def load_config(self) -> ExperimentConfig:
         data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
@@ -103,6 +131,24 @@ class RunDir:
                 continue
         return records
 
+    def discard_metrics(self) -> Path | None:
+        """Move metrics.jsonl aside to metrics.jsonl.bak (replacing an older backup) for a run that
+        restarts from scratch, whose new curve must not continue the stale one; returns the
+        backup, or None when there was nothing to move (and on the other ranks)."""
+        if not distributed.is_main() or not self.metrics_path.is_file():
+            return None
+        backup = self.metrics_path.with_name(self.metrics_path.name + ".bak")
+        os.replace(self.metrics_path, backup)
+        return backup
+
+    def update_env(self, **fields: Any) -> dict[str, Any]:
+        """Add ``fields`` to env.json and return what it held before (main rank only; {} elsewhere)."""
+        if not distributed.is_main():
+            return {}
+        old = read_json(self.env_path, "run environment") if self.env_path.is_file() else {}
+        atomic_write_json(self.env_path, {**old, **fields}, indent=2)
+        return old
+
     def truncate_metrics(self, step: int) -> None:
         """Forget events logged after ``step``: on resume they are logged again."""
         if not distributed.is_main() or not self.metrics_path.is_file():
@@ -112,11 +158,15 @@ class RunDir:
 
 
 def _make_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:
+    """The new run folder, locked by this process."""
     if out is not None:
         path = Path(out)
-        if (path / "config.yaml").exists():
-            raise FileExistsError(f"run directory already holds a run: {path} (resume it, or pick another)")
         path.mkdir(parents=True, exist_ok=True)
+        new = _lock(path)  # before the check: of two processes starting together, one sees the other's run
+        if (path / "config.yaml").exists():
+            if new:
+                RunDir(path).unlock()
+            raise FileExistsError(f"run directory already holds a run: {path} (resume it, or pick another)")
         return path
     base = Path(cfg.trainer.output_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -124,10 +174,37 @@ def _make_dir(cfg: ExperimentConfig, out: str | Path | None) -> Path:
         path = base if i == 0 else base.with_name(f"{base.name}-{i}")
         try:
             path.mkdir()
-            return path
         except FileExistsError:
             continue
+        _lock(path)
+        return path
     raise FileExistsError(f"could not find a free run directory name next to {base}")
+
+
+def _lock(path: Path) -> bool:
+    """``flock`` ``path/.lock`` for this process; False if it held the lock already."""
+    key = path.resolve()
+    if key in _LOCKS:
+        try:
+            if os.path.samestat(os.fstat(_LOCKS[key]), os.stat(path / ".lock")):
+                return False
+        except FileNotFoundError:
+            pass
+        os.close(_LOCKS.pop(key))  # the folder was deleted and made anew: lock the new one
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise FileExistsError(
+            f"run directory {path} is in use by another process (pid {holder}, which holds {path / '.lock'}); "
+            "wait for it to end, or pick another --run-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+    return True
 
 
 def environment(seed: int) -> dict[str, Any]:

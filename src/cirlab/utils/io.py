@@ -73,12 +73,31 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     atomic_write_text(path, dump_json(obj, indent=indent) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read JSON with an error that names the file (and what it was supposed to be)."""
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def read_json(path: str | os.PathLike, what: str = "file", *, unique_keys: bool = False) -> Any:
+    """Read JSON with an error that names the file (and what it was supposed to be).
+
+    ``unique_keys=True`` rejects an object that repeats a key, which ``json`` would resolve
+    silently by keeping the last value (for a predictions file, a query ranked twice).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_pairs if unique_keys else None)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+    except _DuplicateKey as e:
+        raise ValueError(f"{what} {path} holds the key {e.args[0]!r} more than once") from None

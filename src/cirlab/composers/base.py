@@ -1,0 +1,254 @@
+"""The composer: a trained CIR model as one object that everything downstream takes.
+
+A composer maps gallery images to normalised vectors and (reference image, text) queries to
+vectors in the same space; evaluation, the index, the server and second stages (SPN) use only
+this interface. It owns its backbone, its heads and its *query recipe* (how texts and images
+are prepared), so a folder written by :meth:`Composer.save` is all it needs to work again.
+
+Images come in as PIL images, paths, a pixel batch ``(B, 3, H, W)`` or the backbone's cached
+features: ``(B, d)`` embeddings or ``(B, L, h)`` tokens, whichever ``gallery_field`` /
+``reference_field`` name (the feature cache stores exactly those fields, see
+:func:`cirlab.retrieval.encode.image_features`).
+
+Folder layout::
+
+    composer.json     format, version, kind, recipe, the parts' sub-folders, fingerprint, provenance
+    backbone/         HF folder of the backbone (model + tokenizer)
+    <head>/           head folders (combiner/, reranker/), each with head.json + model.safetensors
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cirlab.data.images import load_image
+from cirlab.data.transforms import build_transform
+from cirlab.models import Backbone, load_backbone, save_backbone
+from cirlab.utils.io import atomic_dir, dump_json, read_json
+
+FORMAT, VERSION = "cirlab-composer", 1
+MANIFEST = "composer.json"
+FORWARD, BACKWARD = "[FORWARD]", "[BACKWARD]"
+
+Field = Literal["embeds", "tokens"]
+ImageInput = torch.Tensor | Sequence[Image.Image | str | Path]
+
+
+def with_direction(text: str, forward: bool, mode: str) -> str:
+    """``text`` with its Bi-BLIP4CIR direction marker: ``tokens`` prepends ``[FORWARD]`` /
+    ``[BACKWARD]`` (learnable tokens); ``compat`` reproduces the official text prefix, prepended
+    to every chunk of the text split on the substring "and" (inside words too); ``none`` adds nothing."""
+    token = FORWARD if forward else BACKWARD
+    if mode == "tokens":
+        return f"{token} {text}"
+    if mode == "compat":
+        return "and".join(f" {token} {chunk}" for chunk in text.split("and"))
+    return text
+
+
+@dataclass(frozen=True)
+class QueryRecipe:
+    """Everything besides the weights that changes a query's or an image's vector.
+
+    ``prompt`` wraps the text (``{text}`` is replaced; projection-based zero-shot CIR uses
+    e.g. "a photo of $ that {text}"); ``direction`` is the Bi-BLIP4CIR marker mode;
+    ``backward_text`` says what a backward query's text is ("forward": the forward text with
+    ``[BACKWARD]``; "reversed": the shapes generator's exact reversed text, marked forward)."""
+
+    prompt: str = "{text}"
+    direction: Literal["tokens", "compat", "none"] = "none"
+    backward_text: Literal["forward", "reversed"] = "forward"
+    max_text_length: int = 77
+    transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
+    target_ratio: float = 1.25
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def text(self, text: str, forward: bool = True) -> str:
+        return with_direction(self.prompt.replace("{text}", text), forward, self.direction)
+
+
+class Composer(nn.Module):
+    """Base of every composer. Subclasses set ``kind``, the fields they read and :meth:`compose`."""
+
+    kind: ClassVar[str] = ""
+    heads: ClassVar[tuple[str, ...]] = ()  # sub-folders besides backbone/
+    gallery_field: Field = "embeds"
+    reference_field: Field = "embeds"
+    gallery_tokens: int | None = None  # with gallery_field "tokens": how many leading tokens it reads
+
+    def __init__(self, backbone: Backbone, recipe: QueryRecipe):
+        super().__init__()
+        self.backbone, self.recipe = backbone, recipe
+        self._transform = build_transform(recipe.transform, backbone.image_size, recipe.target_ratio)
+
+    # -- what a row of results is called ------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether backward queries (target + backward text -> reference) mean something."""
+        return self.recipe.direction != "none"
+
+    # -- images ---------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    def transform_name(self) -> str:
+        """The preprocessing as a feature-cache key part."""
+        return f"{self.recipe.transform}-{self.recipe.target_ratio}-{self.backbone.image_size}"
+
+    def pixels(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
+        """Decode (paths) and preprocess a list of images into a pixel batch."""
+        return torch.stack([self._transform(load_image(x) if isinstance(x, (str, Path)) else x.convert("RGB"))
+                            for x in images])
+
+    @torch.no_grad()
+    def image_features(self, images: ImageInput, fields: Sequence[Field]) -> dict[str, torch.Tensor]:
+        """The backbone's ``fields`` of a batch of images (PIL, paths or pixels), float32."""
+        pixels = images if isinstance(images, torch.Tensor) else self.pixels(images)
+        out = self.backbone.encode_image(pixels.to(self.device))
+        return {f: getattr(out, f).float() for f in fields}
+
+    def _as_field(self, images: ImageInput, field_: Field) -> torch.Tensor:
+        """``images`` as rows of ``field_``: cached features pass through, anything else is encoded."""
+        if isinstance(images, torch.Tensor) and images.dim() == (2 if field_ == "embeds" else 3):
+            return images.to(self.device)
+        if isinstance(images, torch.Tensor) and images.dim() != 4:
+            raise ValueError(f"{self.kind} composer: expected images (B, 3, H, W) or cached {field_} "
+                             f"({'(B, d)' if field_ == 'embeds' else '(B, L, h)'}), got shape {tuple(images.shape)}")
+        return self.image_features(images, [field_])[field_]
+
+    @torch.no_grad()
+    def encode_gallery(self, images: ImageInput) -> torch.Tensor:
+        """(N, d) normalised gallery vectors of images or of their cached ``gallery_field``."""
+        return self.gallery_vectors(self._as_field(images, self.gallery_field))
+
+    @torch.no_grad()
+    def encode_queries(self, references: ImageInput, texts: Sequence[str], *, forward: bool = True) -> torch.Tensor:
+        """(Q, d) normalised query vectors of reference images (or their cached
+        ``reference_field``) and raw modification texts; the recipe formats the texts.
+        ``forward=False`` asks the reverse direction (target + text -> reference)."""
+        if isinstance(references, torch.Tensor) and len(references) != len(texts) or \
+                not isinstance(references, torch.Tensor) and len(references) != len(texts):
+            raise ValueError(f"{self.kind} composer: {len(references)} references for {len(texts)} texts")
+        was_training = self.training
+        self.eval()
+        try:
+            return self.compose(self._as_field(references, self.reference_field), list(texts), forward=forward)
+        finally:
+            self.train(was_training)
+
+    def gallery_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalised gallery vectors from rows of ``gallery_field``."""
+        return F.normalize(features.to(self.device).float(), dim=-1)
+
+    def compose(self, references: torch.Tensor, texts: list[str], *, forward: bool = True) -> torch.Tensor:
+        """Normalised query vectors from rows of ``reference_field`` and raw texts (with gradient)."""
+        raise NotImplementedError
+
+    def query_parameters(self) -> list[nn.Parameter]:
+        """What a second stage (SPN) may train: the query side; the gallery side stays fixed."""
+        raise NotImplementedError
+
+    # -- text helpers ---------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], forward: bool = True):
+        return self.backbone.tokenize([self.recipe.text(t, forward) for t in texts],
+                                      max_length=self.recipe.max_text_length)
+
+    def encode_text(self, texts: list[str], forward: bool = True) -> torch.Tensor:
+        """Unnormalised text-only features of the formatted texts."""
+        enc = self.tokenize(texts, forward)
+        return self.backbone.encode_text(enc.input_ids, enc.attention_mask)
+
+    # -- identity and folders -------------------------------------------------------------------------
+    def image_key(self, fields: Sequence[Field]) -> dict[str, Any]:
+        """What cached image features of ``fields`` depend on (a feature-cache key part)."""
+        return {"backbone": self.backbone.image_fingerprint(projection="embeds" in fields),
+                "transform": self.transform_name()}
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments besides the backbone, recipe and heads (JSON)."""
+        return {}
+
+    def save_heads(self, folder: Path, fingerprint: str) -> None:
+        """Write the head folders into ``folder``, naming the backbone ``fingerprint`` (subclasses with heads)."""
+
+    def save(self, path: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+        """Write the composer folder atomically; ``provenance`` (e.g. which checkpoint) is recorded."""
+        path = Path(path)
+        fingerprint = self.backbone.fingerprint()
+        with atomic_dir(path) as tmp:
+            save_backbone(self.backbone, tmp / "backbone")
+            self.save_heads(tmp, fingerprint)
+            manifest = {"format": FORMAT, "version": VERSION, "kind": self.kind, "backbone": "backbone",
+                        "backbone_kind": self.backbone.kind, "heads": list(self.heads),
+                        "recipe": asdict(self.recipe), "config": self.config(),
+                        "fingerprint": fingerprint, "provenance": provenance or {}}
+            (tmp / MANIFEST).write_text(dump_json(manifest, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def from_parts(cls, backbone: Backbone, recipe: QueryRecipe, folder: Path, config: dict[str, Any],
+                   fingerprint: str) -> Composer:
+        """Rebuild from a loaded backbone (of ``fingerprint``), the recipe and the folder's heads."""
+        return cls(backbone, recipe, **config)
+
+
+REGISTRY: dict[str, type[Composer]] = {}
+
+
+def register(cls: type[Composer]) -> type[Composer]:
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The checked ``composer.json`` of a composer folder; errors name the file and field."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    file = path / MANIFEST
+    if not file.is_file():
+        hint = " (it is a backbone folder: evaluate it with a zero-shot config)" if (path / "config.json").is_file() else ""
+        raise FileNotFoundError(f"{path} is not a cirlab model folder: no {MANIFEST}{hint}")
+    manifest = read_json(file, "composer manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a cirlab composer manifest (format {FORMAT!r} expected)")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{file}: unsupported version {manifest.get('version')!r} (this cirlab reads {VERSION})")
+    for key, kind in (("kind", str), ("backbone", str), ("recipe", dict), ("config", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"{file}: field {key!r} is missing or not a {kind.__name__}")
+    if manifest["kind"] not in REGISTRY:
+        raise ValueError(f"{file}: unknown composer kind {manifest['kind']!r} (known: {sorted(REGISTRY)})")
+    return manifest
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Composer:
+    """The composer saved in ``path``, in eval mode; no training code or config is needed.
+
+    The backbone's fingerprint is checked against the manifest, so a folder whose parts were
+    swapped or damaged is refused rather than silently giving other results."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    backbone = load_backbone(path / manifest["backbone"], kind=manifest.get("backbone_kind"), device=device)
+    fingerprint = backbone.fingerprint()
+    if manifest.get("fingerprint") not in (None, fingerprint):
+        raise ValueError(f"{path / MANIFEST}: the backbone in {path / manifest['backbone']} is not the one this "
+                         f"model was saved with (fingerprint differs)")
+    try:
+        recipe = QueryRecipe(**manifest["recipe"])
+    except TypeError as e:
+        raise ValueError(f"{path / MANIFEST}: field 'recipe': {e}") from None
+    composer = REGISTRY[manifest["kind"]].from_parts(backbone, recipe, path, manifest["config"], fingerprint)
+    return composer.to(device).eval()

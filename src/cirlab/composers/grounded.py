@@ -1,0 +1,112 @@
+"""Candidate re-ranking's two composers (Liu et al., "Candidate Set Re-ranking for Composed Image
+Retrieval with Dual Multi-modal Encoder"; official code: Cuberick-Orion/Candidate-Reranking-CIR).
+
+* ``grounded`` (stage I, the filter): the query is BLIP's image-grounded text encoder (``[ENC]``
+  first, cross-attention to the reference image's tokens), normalize(text_proj(state 0)); the
+  gallery is normalize(vision_proj(CLS token)), read from the cached tokens because stage I
+  trains ``vision_proj`` over a frozen ViT.
+* ``rerank`` (stage II): the filter ranks the whole gallery, then a
+  :class:`~cirlab.models.dual_encoder.DualEncoderReranker` re-scores each query's top ``k`` from
+  (z_t, text, candidate tokens), z_t being the filter's grounded last hidden state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.models import Backbone, BlipBackbone
+from cirlab.models.dual_encoder import DualEncoderReranker, load_reranker, save_reranker
+
+from .base import Composer, QueryRecipe, register
+
+
+def _blip(backbone: Backbone, what: str) -> BlipBackbone:
+    if not isinstance(backbone, BlipBackbone):
+        raise ValueError(f"the {what} composer needs a BLIP backbone, got {backbone.kind}")
+    return backbone
+
+
+@register
+class GroundedComposer(Composer):
+    kind = "grounded"
+    gallery_field = "tokens"
+    reference_field = "tokens"
+    gallery_tokens = 1  # only the CLS token
+
+    def __init__(self, backbone: Backbone, recipe: QueryRecipe):
+        super().__init__(_blip(backbone, "grounded"), recipe)
+
+    @property
+    def name(self) -> str:
+        return "filter"
+
+    def gallery_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        cls = features[:, 0].to(self.device, self.backbone.dtype)
+        return F.normalize(self.backbone.vision_proj(cls), dim=-1)
+
+    def grounded_states(self, references: torch.Tensor, texts: list[str]):
+        """``(last hidden state, input ids, attention mask)`` of the grounded encoder."""
+        enc = self.tokenize(texts)
+        return self.backbone.encode_grounded(enc.input_ids, enc.attention_mask, references), \
+            enc.input_ids, enc.attention_mask
+
+    def compose(self, references: torch.Tensor, texts: list[str], *, forward: bool = True) -> torch.Tensor:
+        states, _, _ = self.grounded_states(references, texts)
+        return F.normalize(self.backbone.text_proj(states[:, 0]), dim=-1)
+
+    def query_parameters(self) -> list[nn.Parameter]:
+        return [*self.backbone.text_encoder.parameters(), *self.backbone.text_proj.parameters()]
+
+
+@register
+class RerankComposer(GroundedComposer):
+    """The filter's vectors for the first stage, plus :meth:`rerank` over its top ``k``."""
+
+    kind = "rerank"
+    heads = ("reranker",)
+
+    def __init__(self, backbone: Backbone, recipe: QueryRecipe, reranker: DualEncoderReranker, k: int = 50,
+                 chunk_size: int = 256):
+        super().__init__(backbone, recipe)
+        if k < 1:
+            raise ValueError(f"re-ranking depth k must be >= 1, got {k}")
+        self.reranker, self.k, self.chunk_size = reranker, k, chunk_size
+
+    @property
+    def name(self) -> str:
+        return f"rerank@{self.k}"
+
+    @property
+    def first_stage(self) -> GroundedComposer:
+        """The filter alone (same modules, no re-ranker)."""
+        return GroundedComposer(self.backbone, self.recipe)
+
+    @torch.no_grad()
+    def rerank(self, references: torch.Tensor, texts: list[str], candidates: torch.Tensor) -> torch.Tensor:
+        """(Q, C) re-ranker scores (higher is better) of each query, given as cached reference tokens
+        (Q, L, h) and raw texts, against its own candidates' cached tokens (Q, C, L, h)."""
+        was_training = self.training
+        self.eval()
+        try:
+            z_t, ids, mask = self.grounded_states(references.to(self.device), texts)
+            return self.reranker.topk_scores(z_t, ids, mask, candidates.to(self.device),
+                                             chunk_size=self.chunk_size).float()
+        finally:
+            self.train(was_training)
+
+    def query_parameters(self) -> list[nn.Parameter]:
+        return list(self.reranker.parameters())
+
+    def config(self) -> dict:
+        return {"k": self.k, "chunk_size": self.chunk_size}
+
+    def save_heads(self, folder: Path, fingerprint: str) -> None:
+        save_reranker(self.reranker, folder / "reranker", backbone=fingerprint)
+
+    @classmethod
+    def from_parts(cls, backbone, recipe, folder: Path, config: dict, fingerprint: str) -> "RerankComposer":
+        return cls(backbone, recipe, load_reranker(folder / "reranker", backbone=fingerprint), **config)

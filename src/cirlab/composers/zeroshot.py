@@ -1,0 +1,66 @@
+"""Zero-shot composed baselines: a pretrained backbone and no CIR training.
+
+* ``image``: the reference image feature alone; ``text``: the modification text alone;
+* ``sum``: normalize(normalize(image) + normalize(text)), the element-wise sum that CLIP4Cir
+  and BLIP4CIR start from;
+* ``grounded`` (BLIP only): the image-grounded text encoder, ``[ENC]`` + text cross-attending to
+  the reference image's tokens, through ``text_proj`` (the re-ranking paper's stage-I query).
+
+Gallery side: normalize(image embedding) in every mode.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cirlab.models import Backbone, BlipBackbone
+
+from .base import Composer, QueryRecipe, register
+
+Mode = Literal["image", "text", "sum", "grounded"]
+MODES: tuple[str, ...] = ("image", "text", "sum", "grounded")
+
+
+def grounded_embeds(composer: Composer, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """normalize(text_proj([ENC] state)) of (reference tokens, texts) on a BLIP backbone."""
+    enc = composer.tokenize(texts)
+    return F.normalize(composer.backbone.grounded_embeds(enc.input_ids, enc.attention_mask, tokens), dim=-1)
+
+
+@register
+class ZeroShotComposer(Composer):
+    kind = "zeroshot"
+
+    def __init__(self, backbone: Backbone, recipe: QueryRecipe, mode: Mode = "sum"):
+        if mode not in MODES:
+            raise ValueError(f"zero-shot mode must be one of {list(MODES)}, got {mode!r}")
+        if mode == "grounded" and not isinstance(backbone, BlipBackbone):
+            raise ValueError("zero-shot mode 'grounded' needs a BLIP backbone")
+        super().__init__(backbone, recipe)
+        self.mode = mode
+        self.reference_field = "tokens" if mode == "grounded" else "embeds"
+
+    @property
+    def name(self) -> str:
+        return self.mode
+
+    def config(self) -> dict:
+        return {"mode": self.mode}
+
+    def compose(self, references: torch.Tensor, texts: list[str], *, forward: bool = True) -> torch.Tensor:
+        if self.mode == "grounded":
+            return grounded_embeds(self, references, texts)
+        image = F.normalize(references.float(), dim=-1)
+        if self.mode == "image":
+            return image
+        text = F.normalize(self.encode_text(texts, forward).float(), dim=-1)
+        return text if self.mode == "text" else F.normalize(image + text, dim=-1)
+
+    def query_parameters(self) -> list[nn.Parameter]:
+        if self.mode == "image":
+            return []
+        return [*self.backbone.text_encoder.parameters(), *self.backbone.text_proj.parameters()]

@@ -1,0 +1,290 @@
+"""The one evaluation path: any composer on any benchmark split, metrics and predictions.
+
+Training-time validation, ``cirlab eval`` and the demo all come here. For each split the
+composer's image fields come from the feature cache; queries are composed in batches; the
+(Q, N) similarity is scored with the benchmark's protocol when the split has targets and turned
+into ranked ids (the submission formats) in every case. A re-ranking composer adds the rows
+``stage1`` and ``rerank@K`` (K from ``rerank_ks``, the composer's own K by default).
+
+Rows are named by the composer (``forward``, ``filter``, a zero-shot mode...); on shapes a
+composer with direction tokens also gets ``backward`` (target + backward text -> reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cirlab.composers import Composer, RerankComposer
+from cirlab.data.base import CIRSplit, Query
+from cirlab.data.torch_data import default_text
+from cirlab.evaluation.protocols import (category_of, combine_splits, evaluate_similarity, index_split, protocol_for,
+                                         recall_at_depths)
+from cirlab.evaluation.submission import (rankings_from_similarity, write_circo_submission,
+                                          write_cirr_submission, write_fashioniq_predictions)
+from cirlab.retrieval.encode import image_features, split_image_ids
+from cirlab.retrieval.feature_cache import FeatureSet
+from cirlab.retrieval.similarity import dot_similarity
+from cirlab.retrieval.topk import TopK, topk_from_similarity
+from cirlab.utils.progress import progress
+
+Rankings = tuple[dict[str, list[str]], dict[str, list[str]] | None]
+
+
+@dataclass
+class Evaluation:
+    """``metrics[row]`` (combined over FashionIQ's categories; empty for splits without targets)
+    and ``rankings[row][i]`` = (ranked ids, ranked subset ids) of ``splits[i]`` (every row but
+    shapes' ``backward``, which ranks references)."""
+
+    splits: list[CIRSplit]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    rankings: dict[str, list[Rankings]] = field(default_factory=dict)
+    topk: list[TopK] = field(default_factory=list)
+
+    def flat(self, primary: str) -> dict[str, float]:
+        """One dict for training logs: the ``primary`` row's metrics as they are, the others prefixed."""
+        out = dict(self.metrics.get(primary, {}))
+        for row, metrics in self.metrics.items():
+            if row != primary:
+                out.update({f"{row}/{k}": v for k, v in metrics.items()})
+        return out
+
+
+def first_queries(split: CIRSplit, n: int | None) -> CIRSplit:
+    """The split restricted to its first ``n`` queries (CPU budgets of expensive re-rankers)."""
+    if n is None or n >= len(split.queries):
+        return split
+    return dataclasses.replace(split, queries=split.queries[:n], name=f"{split.name}[:{n}]")
+
+
+def reversed_split(split: CIRSplit) -> CIRSplit:
+    """Backward retrieval on shapes: query = (target image, text), answer = the reference scene.
+
+    Hits are every image showing the reference's scene, found through the scene captions the
+    generator stores with each triplet."""
+    caption_of: dict[str, str] = {}
+    for q in split.queries:
+        caption_of[q.reference] = q.extra["reference_caption"]
+        caption_of[q.target] = q.extra["target_caption"]
+    same: dict[str, list[str]] = {}
+    for image, caption in caption_of.items():
+        same.setdefault(caption, []).append(image)
+    queries = [Query(qid=q.qid, reference=q.target, captions=q.captions, target=q.reference,
+                     positives=(q.reference, *(i for i in same[caption_of[q.reference]] if i != q.reference)),
+                     subset=q.subset, extra=q.extra)
+               for q in split.queries]
+    return dataclasses.replace(split, queries=queries, name=f"{split.name}/backward")
+
+
+def query_texts(composer: Composer, queries: Sequence[Query], forward: bool) -> tuple[list[str], bool]:
+    """Raw texts of the queries and the direction they are composed in. A backward query on the
+    generator's exact reversed text is a forward instruction from target to reference."""
+    if not forward and composer.recipe.backward_text == "reversed":
+        missing = [q.qid for q in queries if "caption_reversed" not in q.extra]
+        if missing:
+            raise ValueError(f"backward_text 'reversed' needs the shapes generator's reversed captions; "
+                             f"query {missing[0]} has none")
+        return [q.extra["caption_reversed"] for q in queries], True
+    return [default_text(q, False) for q in queries], forward
+
+
+def split_features(composer: Composer, split: CIRSplit, *, batch_size: int = 64,
+                   extra_fields: Sequence[str] = ()) -> FeatureSet:
+    """The cached image fields the composer reads for the split's gallery and references."""
+    fields = {composer.gallery_field, composer.reference_field, *extra_fields}
+    return image_features(composer.backbone, split, composer._transform, composer.transform_name(),
+                          ids=split_image_ids(split), embeds="embeds" in fields, tokens="tokens" in fields,
+                          batch_size=batch_size)
+
+
+def _rows(feats: FeatureSet, name: str, ids: Sequence[str], leading: int | None = None) -> torch.Tensor:
+    table = feats[name] if leading is None else feats[name][:, :leading]
+    return table.index_select(0, torch.tensor([feats.index_of(i) for i in ids], dtype=torch.long)).float()
+
+
+@torch.no_grad()
+def gallery_vectors(composer: Composer, split: CIRSplit, feats: FeatureSet, batch_size: int = 256) -> torch.Tensor:
+    """(N, d) normalised gallery vectors of the split's gallery, in gallery order."""
+    out = []
+    for s in range(0, len(split.gallery), batch_size):
+        rows = _rows(feats, composer.gallery_field, split.gallery[s:s + batch_size], composer.gallery_tokens)
+        out.append(composer.gallery_vectors(rows))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def query_vectors(composer: Composer, split: CIRSplit, feats: FeatureSet, *, forward: bool = True,
+                  batch_size: int = 64) -> torch.Tensor:
+    """(Q, d) normalised query vectors of the split's queries."""
+    out = []
+    for s in progress(range(0, len(split.queries), batch_size), desc=f"queries {split.name}"):
+        chunk = split.queries[s:s + batch_size]
+        texts, direction = query_texts(composer, chunk, forward)
+        refs = _rows(feats, composer.reference_field, [q.reference for q in chunk])
+        out.append(composer.encode_queries(refs, texts, forward=direction))
+    return torch.cat(out)
+
+
+def similarity(composer: Composer, split: CIRSplit, feats: FeatureSet, *, forward: bool = True,
+               batch_size: int = 64) -> torch.Tensor:
+    """(Q, N) query x gallery cosine similarities (fp32)."""
+    return dot_similarity(query_vectors(composer, split, feats, forward=forward, batch_size=batch_size),
+                          gallery_vectors(composer, split, feats))
+
+
+def candidates_of(split: CIRSplit, sim: torch.Tensor, k: int) -> TopK:
+    """Each query's top ``k`` gallery items by ``sim`` (its reference removed where the protocol says)."""
+    exclude = None
+    if split.exclude_reference:
+        exclude = [j if j >= 0 else None for j in index_split(split, require_targets=False).exclude.tolist()]
+    available = len(split.gallery) - int(exclude is not None)
+    return topk_from_similarity(sim, [q.qid for q in split.queries], split.gallery, min(k, available),
+                                exclude=exclude, dataset=split.dataset, split=split.name)
+
+
+@torch.no_grad()
+def rerank_scores(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, candidates: torch.Tensor) -> torch.Tensor:
+    """(Q, C) re-ranker scores of each query against its candidate gallery indices (-1 = padding: -inf)."""
+    per_call = max(1, composer.chunk_size // max(1, candidates.shape[1]))
+    tokens = feats["tokens"]
+    gallery_rows = torch.tensor([feats.index_of(i) for i in split.gallery], dtype=torch.long)
+    out = []
+    for s in range(0, len(split.queries), per_call):
+        chunk = split.queries[s:s + per_call]
+        cand = candidates[s:s + per_call]
+        texts, _ = query_texts(composer, chunk, True)
+        refs = _rows(feats, "tokens", [q.reference for q in chunk])
+        cand_tokens = tokens.index_select(0, gallery_rows[cand.clamp_min(0)].reshape(-1)).float()
+        scores = composer.rerank(refs, texts, cand_tokens.view(*cand.shape, *tokens.shape[1:]))
+        out.append(scores.cpu().masked_fill(cand < 0, float("-inf")))
+    return torch.cat(out)
+
+
+def reranked_similarity(sim: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``sim`` with each row's candidates (the top K) given their new scores and lifted above every
+    other entry, which keeps its stage-I order below them (as the official evaluation)."""
+    valid = candidates >= 0
+    finite = sim[torch.isfinite(sim)]
+    top = scores[valid & torch.isfinite(scores)]
+    floor = (top.min() if top.numel() else sim.new_tensor(0.0)) - 1
+    out = sim - (finite.max() if finite.numel() else 0) + floor
+    rows = torch.arange(len(sim))[:, None].expand_as(candidates)
+    out[rows[valid], candidates[valid].long()] = scores[valid]
+    return out
+
+
+def _subset_members(split: CIRSplit) -> torch.Tensor | None:
+    """(Q, S) gallery indices of each query's subset members without its reference, -1 padded."""
+    index = index_split(split, require_targets=False)
+    if index.members is None:
+        return None
+    members = index.members.clone()
+    members[members == index.exclude[:, None]] = -1
+    return members
+
+
+def rerank_rows(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, sim: torch.Tensor,
+                ks: Sequence[int], fusion_weight: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{row: (similarity, subset similarity)}`` for ``rerank@K`` at each K (and ``+fusion``:
+    re-ranker score + ``fusion_weight`` x stage-I cosine). The top max(K) is scored once; a
+    smaller K re-sorts its first K. CIRR's member sets are scored directly."""
+    top = candidates_of(split, sim, max(ks))
+    cand, stage1 = top.indices.long(), top.scores
+    scores = rerank_scores(composer, split, feats, cand)
+    members = _subset_members(split)
+    if members is not None:
+        member_scores = rerank_scores(composer, split, feats, members)
+        member_stage1 = sim.gather(1, members.clamp_min(0))
+    out = {}
+    variants = [("", 0.0)] + ([("+fusion", fusion_weight)] if fusion_weight is not None else [])
+    for suffix, w in variants:
+        subset = None
+        if members is not None:
+            valid = members >= 0
+            subset = torch.full_like(sim, float("-inf"))
+            fused = member_scores + w * member_stage1
+            subset[torch.arange(len(sim))[:, None].expand_as(members)[valid], members[valid]] = fused[valid]
+        for k in sorted(set(ks)):
+            out[f"rerank@{k}{suffix}"] = (reranked_similarity(sim, cand[:, :k], scores[:, :k] + w * stage1[:, :k]),
+                                          subset)
+    return out
+
+
+Rows = dict[str, tuple[CIRSplit, torch.Tensor, torch.Tensor | None]]
+
+
+def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rerank_ks: Sequence[int] | None = None,
+               fusion_weight: float | None = None) -> Rows:
+    """``{row: (the split it is scored on, similarity, subset similarity or None)}`` of one split."""
+    feats = split_features(composer, split, batch_size=batch_size)
+    sim = similarity(composer, split, feats, batch_size=batch_size)
+    if isinstance(composer, RerankComposer):
+        reranked = rerank_rows(composer, split, feats, sim, rerank_ks or [composer.k], fusion_weight)
+        return {"stage1": (split, sim, None), **{row: (split, *v) for row, v in reranked.items()}}
+    rows: Rows = {composer.name: (split, sim, None)}
+    if composer.bidirectional and split.dataset == "shapes" and split.has_targets:
+        back = reversed_split(split)
+        back_sim = similarity(composer, back, split_features(composer, back, batch_size=batch_size),
+                              forward=False, batch_size=batch_size)
+        rows["backward"] = (back, back_sim, None)
+    return rows
+
+
+def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_size: int = 64,
+                      rerank_ks: Sequence[int] | None = None, fusion_weight: float | None = None,
+                      max_queries: int | None = None, topk_depths: Sequence[int] | None = None,
+                      topk_k: int | None = None) -> Evaluation:
+    """Metrics (where the splits have targets) and rankings of every row on ``splits``
+    (FashionIQ: one per category, combined as its protocol says).
+
+    ``topk_depths``: also R@K at these depths for the first row (how much a top-K list keeps,
+    the ceiling of a re-ranker of it); ``topk_k``: keep each split's top-K candidate list of the
+    first row (written by ``cirlab eval`` as the stage-I top-K file)."""
+    splits = [first_queries(s, max_queries) for s in splits]
+    result = Evaluation(splits)
+    per_split: dict[str, list[dict[str, float]]] = {}
+    for split in splits:
+        rows = split_rows(composer, split, batch_size=batch_size, rerank_ks=rerank_ks, fusion_weight=fusion_weight)
+        first = next(iter(rows))
+        if topk_k is not None:
+            result.topk.append(candidates_of(split, rows[first][1], topk_k))
+        for row, (scored, sim, subset) in rows.items():
+            if scored is split:  # the backward diagnostic has no submission format
+                ranked, subset_ranked = rankings_from_similarity(scored, sim)
+                if subset is not None:
+                    subset_ranked = rankings_from_similarity(scored, subset)[1]
+                result.rankings.setdefault(row, []).append((ranked, subset_ranked))
+            if not scored.has_targets:
+                continue
+            metrics = evaluate_similarity(scored, sim, subset)
+            if topk_depths and row == first:
+                depths = recall_at_depths(scored, sim, topk_depths)
+                if protocol_for(scored).per_category:
+                    depths = {f"{category_of(scored)}/{k}": v for k, v in depths.items()}
+                metrics.update(depths)
+            per_split.setdefault(row, []).append(metrics)
+    for row, results in per_split.items():
+        result.metrics[row] = combine_splits(splits, results)
+    return result
+
+
+def write_predictions(out: str | Path, name: str, evaluation: Evaluation, row: str) -> list[Path]:
+    """Write one row's rankings in the benchmark's submission format (any split, val included):
+    CIRR and shapes the two server files, CIRCO its file, FashionIQ one file for every category."""
+    out = Path(out)
+    splits, rankings = evaluation.splits, evaluation.rankings[row]
+    dataset = splits[0].dataset
+    tag = f"{name}-{row}".replace("+", "_").replace("@", "at").replace("/", "_")
+    if dataset in ("cirr", "shapes"):
+        (ranked, subset), = rankings
+        return list(write_cirr_submission(out, tag, ranked, subset, split=splits[0]))
+    if dataset == "circo":
+        (ranked, _), = rankings
+        return [write_circo_submission(out / f"circo_submission_{tag}.json", ranked, split=splits[0])]
+    merged = {qid: ids for ranked, _ in rankings for qid, ids in ranked.items()}
+    return [write_fashioniq_predictions(out / f"fashioniq_predictions_{tag}.json", merged, splits=splits)]

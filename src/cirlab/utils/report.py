@@ -1,0 +1,46 @@
+"""Metrics as text for people: summaries and tables without float noise, columns that line up."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral
+from typing import Iterable, Mapping
+
+
+def format_value(value: float) -> str:
+    """Integers as they are, floats with 2 decimals (recalls are percentages): 15.000000596046448
+    is ``15.00``. A float below 0.01 (a learning rate, a loss near 0) keeps 3 significant digits
+    instead of reading as ``0.00``."""
+    if isinstance(value, Integral) or not math.isfinite(value):
+        return str(value)
+    if value == 0 or abs(value) >= 0.01:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def format_metrics(metrics: Mapping[str, float], sep: str = "  ") -> str:
+    """``name value`` pairs in the mapping's order, joined by ``sep`` (``"\\n"`` for one a line)."""
+    return sep.join(f"{name} {format_value(value)}" for name, value in metrics.items())
+
+
+def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """Rows = result names, columns = the union of metric names in first-seen order, ``-`` where a
+    row lacks one. Each column is as wide as its widest name or value, so the columns line up
+    whatever the widths (FashionIQ's ``dress/R@10``, a recall of 100.00)."""
+    columns = list(dict.fromkeys(name for metrics in rows.values() for name in metrics))
+    cells = [[format_value(m[c]) if c in m else "-" for c in columns] for m in rows.values()]
+    widths = [max([len(c), *(len(row[j]) for row in cells)]) for j, c in enumerate(columns)]
+    first = max((len(name) for name in rows), default=0)
+    lines = ["  ".join([" " * first, *(c.rjust(w) for c, w in zip(columns, widths))])]
+    for name, row in zip(rows, cells):
+        lines.append("  ".join([name.ljust(first), *(v.rjust(w) for v, w in zip(row, widths))]))
+    return "\n".join(lines)
+
+
+def main_metric_names(names: Iterable[str], first: str | None = None) -> list[str]:
+    """The headline metrics among ``names``: ``first`` (the select metric), then the top-level
+    ones in their order. Breakdowns such as ``dress/R@10`` or ``backward/R@1`` are left out,
+    FashionIQ's means over the categories (``avg/R@10``) are kept."""
+    names = list(names)
+    main = [n for n in names if n != first and ("/" not in n or n.startswith("avg/"))]
+    return ([first] if first in names else []) + main
