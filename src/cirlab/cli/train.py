@@ -37,7 +37,7 @@ def train(args: argparse.Namespace) -> int:
             raise ValueError("--resume needs --run-dir (the run to continue)")
         if args.config or args.overrides:
             raise ValueError("--resume continues with the run's own config.yaml; drop --config and --set")
-        run = RunDir.open(args.run_dir)
+        run = RunDir.open(args.run_dir, lock=True)  # a second resumer fails here, before building
         cfg = run.load_config()
     elif args.config is None:
         raise ValueError("--config is required (or --resume --run-dir DIR to continue a run)")

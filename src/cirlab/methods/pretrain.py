@@ -120,17 +120,22 @@ class Pretrainer(nn.Module):
     def _itm_loss(self, text, image_tokens: torch.Tensor, sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         """BLIP's ITM: each image with a hard negative caption, each caption with a hard negative
         image, both drawn in proportion to the softmaxed ITC similarity (positives excluded)."""
-        b = max(1, round(self.cfg.itm_fraction * sim.shape[0]))
+        b = min(sim.shape[0], max(2, round(self.cfg.itm_fraction * sim.shape[0])))
         text, image_tokens = {k: v[:b] for k, v in text.items()}, image_tokens[:b]
         sim, same = sim[:b, :b], same[:b, :b]
+        # an item whose every in-batch partner shares its caption has no negative: its draw is
+        # made from uniform weights and left out of the loss (small batches of one scene)
+        has_negative = (~same).any(1)
         weights = sim.softmax(1).masked_fill(same, 0) + 1e-6 * (~same)
+        weights[~has_negative] = 1.0
         neg_text = torch.multinomial(weights, 1).squeeze(1)  # per image
-        neg_image = torch.multinomial(weights.T, 1).squeeze(1)  # per caption
+        neg_image = torch.multinomial(weights.T, 1).squeeze(1)  # per caption (same is symmetric)
         ids = torch.cat([text["input_ids"], text["input_ids"][neg_text], text["input_ids"]])
         mask = torch.cat([text["attention_mask"], text["attention_mask"][neg_text], text["attention_mask"]])
         tokens = torch.cat([image_tokens, image_tokens, image_tokens[neg_image]])
         logits = self.backbone.itm_logits(ids, mask, tokens)
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        negative = torch.where(has_negative, 0, -100).to(logits.device)  # -100: ignored by cross_entropy
+        labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device), negative, negative])
         return F.cross_entropy(logits, labels)
 
 
