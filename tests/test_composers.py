@@ -168,3 +168,12 @@ def test_select_metric_is_checked_before_the_run_is_made(tiny_shapes, tiny_pretr
                  "--set", f"data.root={tiny_shapes}", "--set", f"model.backbone={tiny_pretrained_blip}",
                  "--set", "trainer.select_metric=R@7"]) == 2
     assert "select_metric 'R@7' is not a validation metric" in capsys.readouterr().err and not run.exists()
+
+
+def test_a_refused_eval_leaves_no_output_folder(tiny_shapes, tiny_pretrained_blip, tmp_path):
+    folder = every_kind(tiny_pretrained_blip)["zeroshot"].save(tmp_path / "model")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(folder), "--dataset", "cirr", "--root", str(tiny_shapes), "--split", "val",
+                 "--run-dir", str(out)]) == 2  # no CIRR annotations there
+    assert main(["eval", "--model", str(tmp_path / "nowhere"), "--root", str(tiny_shapes), "--run-dir", str(out)]) == 2
+    assert not out.exists()

@@ -217,3 +217,36 @@ def test_bad_inputs_are_refused(tmp_path):
         get(tmp_path, short)
     assert entries(tmp_path) == []
 
+
+
+def test_a_changed_image_under_the_same_id_is_re_encoded(tmp_path, monkeypatch):
+    """The cache is keyed on the image files, not the dataset's name and ids: a shapes set
+    regenerated with another seed (same ids, other pictures) must not be served the old features."""
+    import os
+
+    from PIL import Image
+
+    from cirlab.data.base import CIRSplit, PathTable
+    from cirlab.data.transforms import build_transform
+    from cirlab.models import build_small_blip
+    from cirlab.retrieval.encode import default_cache_dir, image_features
+
+    monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
+    assert default_cache_dir() == tmp_path / "cache"
+    for i, colour in enumerate(((255, 0, 0), (0, 255, 0))):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"im{i}.png")
+    split = CIRSplit("shapes", "test", [], ["im0", "im1"], PathTable(tmp_path, {"im0": "im0.png", "im1": "im1.png"}),
+                     exclude_reference=True)
+    torch.manual_seed(0)
+    backbone = build_small_blip(embed_dim=16, text_hidden=32, text_layers=1, text_heads=2, vision_hidden=16,
+                                stage_channels=(8, 8, 8, 8)).eval()
+    transform = build_transform("targetpad", backbone.image_size)
+    first = image_features(backbone, split, transform, "targetpad", ids=["im0", "im1"])
+    again = image_features(backbone, split, transform, "targetpad", ids=["im0", "im1"])
+    assert again.path == first.path
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(tmp_path / "im1.png")  # same id, new picture
+    os.utime(tmp_path / "im1.png", ns=(1, 1))  # even with an old modification time: the size or time differs
+    changed = image_features(backbone, split, transform, "targetpad", ids=["im0", "im1"])
+    assert changed.path != first.path
+    assert torch.equal(changed["embeds"][0], first["embeds"][0])
+    assert not torch.equal(changed["embeds"][1], first["embeds"][1])

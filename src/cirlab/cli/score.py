@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset-predictions", type=Path,
                    help="CIRR recall_subset_submission_*.json (adds Rs@1/2/3 and Avg)")
     p.add_argument("--category", choices=["dress", "shirt", "toptee"], help="FashionIQ only; all three when omitted")
+    p.add_argument("--skip-missing-images", action="store_true",
+                   help="leave out the queries whose images are missing on disk, as `cirlab eval` does")
     p.add_argument("--json", action="store_true", help="print one JSON object {metric: percent}")
     p.set_defaults(func=score)
 
@@ -31,6 +33,10 @@ def score(args: argparse.Namespace) -> int:
         raise ValueError("--category is for FashionIQ only")
     categories = [args.category] if args.category else None
     splits = load_splits(args.dataset, args.root, args.split, categories=categories)
+    if args.skip_missing_images:
+        from cirlab.data.check import drop_missing
+
+        splits = [drop_missing(s)[0] for s in splits]
     metrics = score_predictions(splits, args.predictions, args.subset_predictions)
     print(dump_json(metrics) if args.json else format_scores(splits, metrics))
     return 0
