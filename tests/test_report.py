@@ -37,7 +37,7 @@ def test_table_columns_stay_aligned_whatever_the_widths():
     for line in lines[1:]:
         assert _cell_ends(line, first) == header_ends, table
         assert line[first:first + 2] == "  "  # the row names never run into the first column
-    assert lines[0].split() == ["dress/R@10", "dress/R@50", "avg", "R@1"]
+    assert lines[0].split() == ["R@1", "dress/R@10", "dress/R@50", "avg"]  # metric_order, not first-seen
     assert lines[2].split()[-4:] == ["100.00", "-", "12345.68", "-"]
     assert lines[3].split() == ["x", "-", "0.50", "-", "1"]
     assert format_table({}) == ""

@@ -131,6 +131,7 @@ def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> 
         for row in result.rankings:
             written += write_predictions(out, name, result, row)
         for split, topk in zip(result.splits, result.topk):
+            topk.backbone = composer.backbone.fingerprint()  # the file names the filter that ranked
             written.append(save_topk(out / f"topk_{split.name.replace('/', '_')}.pt", topk))
     atomic_write_json(out / "eval.json", {**meta, "options": options, "environment": environment(0)}, indent=1)
     for split in splits:

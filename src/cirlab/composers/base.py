@@ -1,8 +1,8 @@
 """The composer: a trained CIR model as one object that everything downstream takes.
 
 A composer maps gallery images to normalised vectors and (reference image, text) queries to
-vectors in the same space; evaluation, the index, the server and second stages (SPN) use only
-this interface. It owns its backbone, its heads and its *query recipe* (how texts and images
+vectors in the same space; evaluation uses only this interface, and so will the planned index,
+retrieval service and second stages (SPN). It owns its backbone, its heads and its *query recipe* (how texts and images
 are prepared), so a folder written by :meth:`Composer.save` is all it needs to work again.
 
 Images come in as PIL images, paths, a pixel batch ``(B, 3, H, W)`` or the backbone's cached

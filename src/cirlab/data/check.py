@@ -1,8 +1,8 @@
 """``cirlab data check``: does every image a split refers to exist on disk, and can it be read?
 
-Run before a long job: FashionIQ mirrors lack many images (REFERENCE 0.7), and a wrong
-``root`` shows up here as "everything missing" rather than as a crash hours in. Each
-distinct file is stat-ed once, so tens of thousands of ids take well under a second;
+Run before a long job: FashionIQ mirrors lack many images (CLIP4Cir issue #1, SPN4CIR issue
+#5), and a wrong ``root`` shows up here as "everything missing" rather than as a crash hours
+in. Each distinct file is stat-ed once, so tens of thousands of ids take well under a second;
 ``decode=True`` also decodes every file as the datasets do (:func:`load_image`), to catch
 truncated, non-image or oversized files.
 

@@ -1,4 +1,6 @@
-"""CIRCO: multiple ground truths per query over the COCO 2017 unlabeled gallery (REFERENCE 0.6).
+"""CIRCO: multiple ground truths per query over the COCO 2017 unlabeled gallery (Baldrati et al.,
+Zero-Shot Composed Image Retrieval with Textual Inversion, ICCV 2023; dataset: miccunifi/CIRCO;
+evaluation code: miccunifi/SEARLE).
 
 Layout (``root`` = ``CIRCO/``)::
 

@@ -9,14 +9,16 @@ CIRR (``root`` = ``cirr_dataset/``)::
 Splits train, val, test1 ("test" is accepted for test1, which has no targets). The
 annotations may also sit directly under ``root`` (``root/captions``, ``root/image_splits``).
 The gallery is the split file; the reference is removed from each ranking and the 6
-``img_set.members`` give Recall_subset@K (REFERENCE 0.5). Positives are ``target_hard``
+``img_set.members`` give Recall_subset@K (as the CIRR evaluation server and CLIP4Cir's
+validation, ABaldrati/CLIP4Cir; dataset: Cuberick-Orion/CIRR). Positives are ``target_hard``
 only, as the evaluation server counts.
 
 shapes (``root`` = the generated benchmark): ``captions/cap.shapes.<split>.json`` and
 ``image_splits/split.shapes.<split>.json``, splits train, val, test, same record format.
 One difference: positives are *every* id in ``target_soft`` with score 1.0, i.e. every
-image showing the target's scene, because CSS (REFERENCE 6) counts any image with the
-target's label as a hit. ``img_set`` is optional there.
+image showing the target's scene, because CSS (Vo et al., Composing Text and Image for Image
+Retrieval - An Empirical Odyssey, CVPR 2019) counts any image with the target's label as a
+hit. ``img_set`` is optional there.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ Layout (``root`` = ``fashionIQ_dataset/``)::
     images/<asin>.png | <asin>.jpg             both circulate (SPN4CIR converted to .png)
 
 Each category is its own split and is evaluated separately; the reference is *not* removed
-from the ranking (REFERENCE 0.4). Many images are missing from every public mirror, which
-the query/gallery datasets tolerate (``images.MissingImages``).
+from the ranking (as in the validation code of CLIP4Cir, ABaldrati/CLIP4Cir, and of the repos
+built on it). Many images are missing from every public mirror, which the query/gallery
+datasets tolerate (``images.MissingImages``).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def fiq_train_forms(captions: Sequence[str], capitalize: bool = True) -> tuple[s
 
 
 def fiq_train_caption(captions: Sequence[str], rng: random.Random | None = None, capitalize: bool = True) -> str:
-    """The training text of CLIP4Cir's ``generate_randomized_fiq_caption`` (REFERENCE 0.3): one of
+    """The training text of CLIP4Cir's ``generate_randomized_fiq_caption`` (ABaldrati/CLIP4Cir): one of
     :func:`fiq_train_forms`, 0.25 each. The official tests are ``r < .25``, ``.25 < r < .5``,
     ``.5 < r < .75``, else (d), so r == 0.25 or 0.5 falls through to (d); reproduced on purpose.
     ``rng`` defaults to Python's global ``random``, which DataLoader workers seed per worker.
@@ -118,7 +119,8 @@ def fiq_train_caption(captions: Sequence[str], rng: random.Random | None = None,
 
 
 def fiq_val_caption(captions: Sequence[str], capitalize: bool = True) -> str:
-    """The supervised repos' one deterministic validation order, "C1 and c2" (REFERENCE 0.4).
+    """The supervised repos' one deterministic validation order, "C1 and c2" (ABaldrati/CLIP4Cir,
+    Cuberick-Orion/Bi-Blip4CIR, Cuberick-Orion/Candidate-Reranking-CIR).
 
     The supervised repos strip only whitespace here (not '.?, ' as in training);
     ``capitalize=False`` is SPN4CIR's CLIP4CIR validation.
@@ -128,7 +130,8 @@ def fiq_val_caption(captions: Sequence[str], capitalize: bool = True) -> str:
 
 
 def fiq_zeroshot_captions(captions: Sequence[str]) -> tuple[str, str]:
-    """Both orders, "c1 and c2" and "c2 and c1", as SEARLE / LinCIR / RTD (REFERENCE 0.4).
+    """Both orders, "c1 and c2" and "c2 and c1", as the official code of SEARLE / LinCIR / RTD
+    (miccunifi/SEARLE, navervision/lincir, jaeseokbyun/RTD). No composer uses them yet.
 
     Each caption is stripped of '.?, ' as SEARLE does; wrapping in a prompt such as
     "a photo of $ that ..." and averaging the two features belong to the method.

@@ -1,8 +1,9 @@
 """Image files: decoding, and tolerance of the files every public FashionIQ mirror lacks.
 
-Missing images are a fact of FashionIQ (REFERENCE 0.7): the CLIP4Cir loaders return None for
-them and the collate function drops the None. cirlab does the same, and counts what it
-skipped in a :class:`MissingImages` tracker that warns once instead of once per file.
+Missing images are a fact of FashionIQ (CLIP4Cir issue #1, SPN4CIR issue #5): the CLIP4Cir
+loaders (ABaldrati/CLIP4Cir) return None for them and the collate function drops the None.
+cirlab does the same, and counts what it skipped in a :class:`MissingImages` tracker that
+warns once instead of once per file.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Dataset names -> loaders.
 
-Every loader turns a benchmark's own file layout (REFERENCE 0.7) into :class:`CIRSplit`
-records; errors name the file, the record and the field, because a half-downloaded
-or hand-edited annotation file is the usual way these loaders fail.
+Every loader turns a benchmark's own file layout (as published: FashionIQ, CIRR rc2 in
+Cuberick-Orion/CIRR, CIRCO in miccunifi/CIRCO) into :class:`CIRSplit` records; errors name
+the file, the record and the field, because a half-downloaded or hand-edited annotation file
+is the usual way these loaders fail.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def load_splits(
     dataset: str, root: str | Path, split: str, categories: list[str] | None = None
 ) -> list[CIRSplit]:
     """FashionIQ: one split per category (all three when None), evaluated separately
-    (REFERENCE 0.4); every other dataset: a one-element list."""
+    (as CLIP4Cir's validation, ABaldrati/CLIP4Cir); every other dataset: a one-element list."""
     if dataset != "fashioniq":
         if categories:
             raise ValueError(f"categories only apply to FashionIQ, not {dataset!r}")

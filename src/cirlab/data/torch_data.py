@@ -23,7 +23,8 @@ Transform = Callable[[Any], torch.Tensor]
 
 def default_text(query: Query, train: bool) -> str:
     """The single caption; for FashionIQ's two, the supervised repos' training draw or
-    validation order (REFERENCE 0.3, 0.4)."""
+    validation order (ABaldrati/CLIP4Cir's ``generate_randomized_fiq_caption`` and validation
+    caption). Zero-shot evaluation uses the validation order too."""
     if len(query.captions) == 1:
         return query.captions[0]
     return fiq_train_caption(query.captions) if train else fiq_val_caption(query.captions)

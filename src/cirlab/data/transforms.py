@@ -1,4 +1,5 @@
-"""Image preprocessing of the CIR repositories, without torchvision (REFERENCE 0.1).
+"""Image preprocessing of the CIR repositories (CLIP4Cir's ``targetpad``, ABaldrati/CLIP4Cir, and
+the plain CLIP pipeline of the zero-shot repos), without torchvision.
 
 Supervised repos (CLIP4Cir lineage): ``TargetPad(1.25) -> Resize(dim, bicubic) -> CenterCrop(dim)
 -> RGB -> tensor -> Normalize(CLIP mean/std)``; ``squarepad`` pads to a square instead; the

@@ -202,7 +202,8 @@ def scene_retrieval(backbone: Backbone, split: CIRSplit, captions: dict[str, str
                     max_text_length: int = 64, eval_images: int | None = None) -> dict[str, float]:
     """Caption retrieval over all the split's images (each reference scene and its one-edit
     variants: distractors one attribute away) and, prefixed ``refs_``, over the reference scenes
-    alone (independent scenes, the setting of REFERENCE section 8)."""
+    alone (independent scenes, the setting of the prototype in which a small CNN learned the
+    scenes in minutes, see :mod:`cirlab.models.conv_vision`)."""
     return caption_retrieval(backbone, split, captions, transform,
                              ids=split.gallery[:eval_images] if eval_images else None,
                              subsets={REFS: reference_scenes(split)},

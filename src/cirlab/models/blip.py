@@ -1,6 +1,7 @@
 """BLIP adapter over the HF ``BlipForImageTextRetrieval`` layout, and cirlab's small BLIP.
 
-Modes of the BLIP text encoder (REFERENCE sections 1 and 4):
+Modes of the BLIP text encoder, as the official code of Bi-BLIP4CIR (Cuberick-Orion/Bi-Blip4CIR)
+and of candidate re-ranking (Cuberick-Orion/Candidate-Reranking-CIR) use them:
 * text-only (Bi-BLIP4CIR): no ``encoder_hidden_states``, so ``BlipTextModel`` skips every
   cross-attention block and builds a bidirectional mask; the feature is text_proj of [CLS].
 * image-grounded (Re-ranking stage I, ITM): the first token becomes [ENC] and every layer

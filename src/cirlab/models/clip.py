@@ -1,6 +1,7 @@
 """CLIP adapter over the HF ``CLIPModel`` layout, pseudo-word injection, and cirlab's small CLIP.
 
-Pseudo-word injection (Pic2Word, SEARLE, LinCIR, RTD; REFERENCE section 2): the token embedding
+Pseudo-word injection (as in the official code of Pic2Word, google-research/composed_image_retrieval;
+SEARLE, miccunifi/SEARLE; LinCIR, navervision/lincir; RTD, jaeseokbyun/RTD): the token embedding
 at every position holding the marker id is replaced by a given vector *before* the position
 embeddings are added; then the causal encoder, final LayerNorm, EOS pooling and text_projection
 run as usual. HF's ``CLIPTextModel.forward`` takes no ``inputs_embeds`` in transformers 5, so the

@@ -1,4 +1,6 @@
-"""Stage II of Candidate Re-ranking (REFERENCE section 4): the dual multi-modal encoder.
+"""Stage II of candidate re-ranking, the dual multi-modal encoder (Liu et al., Candidate Set
+Re-ranking for Composed Image Retrieval with Dual Multi-modal Encoder; official code:
+Cuberick-Orion/Candidate-Reranking-CIR).
 
 Two streams run through one duplicated BLIP text encoder and both cross-attend to the candidate
 image's tokens:

@@ -1,7 +1,7 @@
 """Image features of a split under a frozen backbone, through the feature cache.
 
-Training (cached image tokens), evaluation (the gallery) and the index builder all ask for
-features here, so each image is encoded once per backbone and preprocessing.
+Training (cached image tokens) and evaluation (the gallery) ask for features here (so will the
+planned index builder), so each image is encoded once per backbone and preprocessing.
 
 The cache lives in ``$CIRLAB_CACHE`` when set, else ``$XDG_CACHE_HOME/cirlab/features``
 (``~/.cache/cirlab/features``): one per user, wherever a command is run from.
@@ -55,7 +55,7 @@ def image_features(backbone, split: CIRSplit, transform: Callable, transform_nam
     Keyed by the fingerprint of the backbone's image side (:meth:`Backbone.image_fingerprint`;
     a tokens-only set does not depend on the image projection), the preprocessing, the id list
     and the files' identity. Images missing on disk raise, since a gallery with holes would
-    silently change the metrics (:func:`cirlab.data.base.drop_missing` removes them first)."""
+    silently change the metrics (:func:`cirlab.data.check.drop_missing` removes them first)."""
     ids = split_image_ids(split) if ids is None else ids
     paths = {i: split.find_image(i) for i in ids}
     missing = [i for i, p in paths.items() if p is None]

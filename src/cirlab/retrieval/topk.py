@@ -1,4 +1,6 @@
-"""The stage-I top-K candidate file (Candidate Re-ranking, REFERENCE section 4).
+"""The stage-I top-K candidate file of candidate re-ranking (Liu et al., Candidate Set Re-ranking
+for Composed Image Retrieval with Dual Multi-modal Encoder; official code:
+Cuberick-Orion/Candidate-Reranking-CIR, whose ``validate.py --save-topk`` writes such lists).
 
 Stage I ranks the whole gallery once per query; stage II re-scores only each query's K best
 candidates, so the list is stored and reused by re-ranking runs. One ``.pt`` file per

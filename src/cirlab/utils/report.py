@@ -23,11 +23,25 @@ def format_metrics(metrics: Mapping[str, float], sep: str = "  ") -> str:
     return sep.join(f"{name} {format_value(value)}" for name, value in metrics.items())
 
 
+_FAMILIES = ("mAP", "R", "Rs", "Avg", "avg")
+
+
+def metric_order(name: str) -> tuple:
+    """Sort key that reads like the papers' tables: per prefix (FashionIQ category), mAP@K, R@K,
+    Rs@K with K ascending, then the averages; other names after, alphabetically. Metrics files
+    are written with sorted keys (R@10 before R@5), so tables re-order their columns."""
+    prefix, _, metric = name.rpartition("/")
+    family, _, k = metric.partition("@")
+    if family in _FAMILIES and (k.isdigit() or not k):
+        return (prefix == "avg" or name == "avg", prefix, 0, _FAMILIES.index(family), int(k or 0), "")
+    return (prefix == "avg", prefix, 1, 0, 0, metric)
+
+
 def format_table(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """Rows = result names, columns = the union of metric names in first-seen order, ``-`` where a
-    row lacks one. Each column is as wide as its widest name or value, so the columns line up
-    whatever the widths (FashionIQ's ``dress/R@10``, a recall of 100.00)."""
-    columns = list(dict.fromkeys(name for metrics in rows.values() for name in metrics))
+    """Rows = result names, columns = the union of metric names in :func:`metric_order`, ``-``
+    where a row lacks one. Each column is as wide as its widest name or value, so the columns line
+    up whatever the widths (FashionIQ's ``dress/R@10``, a recall of 100.00)."""
+    columns = sorted({name for metrics in rows.values() for name in metrics}, key=metric_order)
     cells = [[format_value(m[c]) if c in m else "-" for c in columns] for m in rows.values()]
     widths = [max([len(c), *(len(row[j]) for row in cells)]) for j, c in enumerate(columns)]
     first = max((len(name) for name in rows), default=0)

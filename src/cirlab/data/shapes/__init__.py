@@ -1,4 +1,5 @@
-"""The built-in shapes benchmark (CSS-style, see REFERENCE.md section 6).
+"""The built-in shapes benchmark, in the style of CSS (Vo et al., Composing Text and Image for
+Image Retrieval - An Empirical Odyssey, CVPR 2019).
 
 Scenes of 0 to 5 coloured squares, circles and triangles on a 3x3 grid, rendered with
 Pillow on white (64 px by default, 4x supersampled); five edits per reference scene (add,
