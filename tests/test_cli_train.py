@@ -9,7 +9,7 @@ from cirlab.data.shapes import synthesize
 from cirlab.config import CONFIG_ROOT
 from cirlab.methods.pretrain import Pretrainer
 from cirlab.models import load_backbone
-from cirlab.training.checkpoint import load_model_state
+from cirlab.training.checkpoint import load_checkpoint, load_model_state
 from cirlab.utils.io import read_json
 
 TINY = "{embed_dim: 16, text_hidden: 32, text_layers: 1, text_heads: 2, vision_hidden: 16, stage_channels: [8, 8, 8, 8]}"
@@ -31,7 +31,11 @@ def test_same_seed_same_weights_and_a_loadable_export(tmp_path):
     a, b, c = (load_model_state(tmp_path / r / "latest.pt") for r in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)  # initialisation and training both follow the seed
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    # the export is the checkpoint trainer.select_metric chose (one evaluation, at the end: the final weights)
     backbone = load_backbone(tmp_path / "a" / "backbone")
+    best = load_checkpoint(tmp_path / "a" / "best.pt")
+    assert best["step"] == 2
+    assert all(torch.equal(v, best["model"][f"backbone.{k}"]) for k, v in backbone.state_dict().items())
     assert all(torch.equal(v, a[f"backbone.{k}"]) for k, v in backbone.state_dict().items())
 
     # `cirlab eval` of the export: scene caption retrieval over all images and over the 2 references

@@ -1,11 +1,12 @@
 """Re-ranking stage II: the dual encoder starts as a copy of BLIP's grounded encoder, its batched
-scoring equals per-query scoring, gradients reach every new part; the stage-I top-K file round-trips."""
+scoring equals per-query scoring, gradients reach every new part, its folder round-trips under its
+backbone's fingerprint; the stage-I top-K file round-trips."""
 
 import pytest
 import torch
 
 from cirlab.models import build_small_blip
-from cirlab.models.dual_encoder import DualEncoderReranker
+from cirlab.models.dual_encoder import DualEncoderReranker, load_reranker, save_reranker
 from cirlab.retrieval.topk import TopK, load_topk, save_topk, topk_from_similarity
 
 TINY = dict(embed_dim=32, text_hidden=32, text_layers=2, text_heads=2, vision_hidden=32, stage_channels=(8, 8, 16, 16))
@@ -134,6 +135,25 @@ def test_rejects_text_only_encoder_and_bad_merge(blip):
         DualEncoderReranker.from_text_encoder(text_only, enc_token_id=1)
     with pytest.raises(ValueError, match="merge"):
         DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=1, merge="concat")
+
+
+def test_reranker_folder_round_trip_checks_the_backbone_fingerprint(blip, tmp_path):
+    """A re-ranker folder rebuilds the same scorer from the folder alone, names the stage-I backbone
+    by fingerprint, and is refused with another backbone."""
+    model = reranker(blip, "official")
+    folder = save_reranker(model, tmp_path / "reranker", backbone=blip.fingerprint())
+    loaded = load_reranker(folder, backbone=blip.fingerprint())
+    assert isinstance(loaded, DualEncoderReranker)
+    assert (loaded.merge, loaded.enc_token_id) == (model.merge, model.enc_token_id)
+    ids, mask = text(blip)
+    tokens, atts = image_tokens(len(ids))
+    z_t = torch.randn(*ids.shape, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(z_t, ids, mask, tokens, atts), model(z_t, ids, mask, tokens, atts),
+                                   atol=0, rtol=0)
+    assert isinstance(load_reranker(folder), DualEncoderReranker)  # no fingerprint given: nothing to check
+    with pytest.raises(ValueError, match="trained on another backbone"):
+        load_reranker(folder, backbone="0" * 16)
 
 
 # -- the stage-I top-K file -------------------------------------------------------------------------

@@ -33,13 +33,13 @@ def test_table_columns_stay_aligned_whatever_the_widths():
     first = len("a much longer row name")
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     header_ends = _cell_ends(lines[0], first)
-    assert len(header_ends) == 4  # dress/R@10, dress/R@50, avg, R@1
+    assert len(header_ends) == 4  # R@1, dress/R@10, dress/R@50, avg
     for line in lines[1:]:
         assert _cell_ends(line, first) == header_ends, table
         assert line[first:first + 2] == "  "  # the row names never run into the first column
     assert lines[0].split() == ["R@1", "dress/R@10", "dress/R@50", "avg"]  # metric_order, not first-seen
-    assert lines[2].split()[-4:] == ["100.00", "-", "12345.68", "-"]
-    assert lines[3].split() == ["x", "-", "0.50", "-", "1"]
+    assert lines[2].split()[-4:] == ["-", "100.00", "-", "12345.68"]
+    assert lines[3].split() == ["x", "1", "-", "0.50", "-"]
     assert format_table({}) == ""
 
 
