@@ -1,6 +1,6 @@
 """Pretraining step of the small backbones in fp32 against bf16 autocast, on the CPU.
 
-One optimiser step (ITC, + ITM on a quarter of the batch for BLIP) on a real shapes batch of
+One optimiser step (ITC, + ITM on the configured fraction of the batch for BLIP) on a real shapes batch of
 128 images and scene captions, as ``cirlab pretrain`` runs it; median of --repeats after one
 warm-up. bf16 pays only where the CPU has native bf16 (AVX512-BF16 or AMX): the script says
 whether this one has it.
@@ -16,19 +16,20 @@ import time
 
 import torch
 
-from cirlab.config import load_config
+from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.torch_data import make_loader
 from cirlab.methods import pretrain
 from cirlab.training.engine import cpu_has_native_bf16
 
-CONFIGS = {"small BLIP": "configs/pretrain/shapes_blip.yaml", "small CLIP": "configs/pretrain/shapes_clip.yaml"}
+CONFIGS = {"small BLIP": CONFIG_ROOT / "pretrain" / "shapes_blip.yaml",
+           "small CLIP": CONFIG_ROOT / "pretrain" / "shapes_clip.yaml"}
 
 
-def step_seconds(path: str, root: str, bf16: bool, repeats: int, batch_size: int) -> float:
+def step_seconds(path, root: str, bf16: bool, repeats: int, batch_size: int) -> float:
     torch.manual_seed(0)
     cfg = load_config(path, [f"data.root={root}"])
-    model, data, _ = pretrain.build(cfg)
-    model.train()
+    stage = pretrain.build(cfg)
+    model, data = stage.model.train(), stage.train_data
     batch = next(iter(make_loader(data, batch_size, shuffle=True)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []

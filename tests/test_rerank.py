@@ -98,6 +98,7 @@ def test_filter_then_reranker_on_tiny_shapes(tiny_shapes, tiny_pretrained_blip, 
     split = load_split("shapes", tiny_shapes, "test")
     assert topk.query_ids == [q.qid for q in split.queries] and topk.reference_excluded
     assert topk.k == min(200, len(split.gallery) - 1)  # every candidate but the reference
+    assert topk.backbone == filt.backbone.fingerprint()  # the file names the filter that ranked
     sim = similarity(filt, split, split_features(filt, split))
     for i, q in enumerate(split.queries[:5]):
         assert q.reference not in topk.candidates(q.qid)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -56,6 +57,10 @@ class BiTextConfig(BiConfig):
 
     stage: Literal["text"] = "text"
     text_proj_lr_scale: float = Field(100.0, description="text_proj lr = this x trainer lr, unscheduled")
+    # The official clip_fine_tune.py L2-normalises the target features before they enter the
+    # reversed query: normalize(normalize(T_j) + t_i). "raw" sums the unnormalised T_j instead
+    # (cirlab's earlier behaviour, kept for comparison).
+    reversed_target: Literal["normalized", "raw"] = "normalized"
 
 
 class BiCombinerConfig(BiConfig):
@@ -144,7 +149,8 @@ class TextStage(nn.Module):
         out = {"loss": forward, "loss_forward": forward.detach()}
         if self.cfg.reverse_weight > 0:
             back = self.encode_text(batch["back_text"])
-            reverse = diagonal_ce(reversed_sum_logits(tgt, back, ref, self.cfg.logit_scale))
+            start = F.normalize(tgt, dim=-1) if self.cfg.reversed_target == "normalized" else tgt
+            reverse = diagonal_ce(reversed_sum_logits(start, back, ref, self.cfg.logit_scale))
             out.update(loss=forward + self.cfg.reverse_weight * reverse, loss_reversed=reverse.detach())
         return out
 

@@ -52,8 +52,8 @@ def reversed_sum_logits(
 
     Row i scores the composed queries "target j + backward text i" against reference i, so the
     negatives vary the image, not the text; use with ``F.cross_entropy(logits, arange(B))``.
-    Inputs are raw (unnormalised) features, as in the official code, which sums the raw features
-    and then normalises. Instead of its B x B x d tensor this expands the norm and the dot product:
+    ``targets`` enter the sum as given: the official stage I passes them L2-normalised and the text
+    feature raw, then normalises the sum (Bi-Blip4CIR ``clip_fine_tune.py``). Instead of its B x B x d tensor this expands the norm and the dot product:
     ``|T_j + t_i|^2 = |T_j|^2 + 2 t_i.T_j + |t_i|^2`` and ``(T_j + t_i).R_i = R_i.T_j + t_i.R_i``,
     so memory is O(B^2). Norms are clamped at ``eps`` like ``F.normalize``. The expansion loses
     relative precision only when ``|T_j + t_i|`` is tiny against ``|T_j|`` (near-cancelling pairs).

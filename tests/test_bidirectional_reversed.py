@@ -1,0 +1,35 @@
+"""Stage I's reversed query is the official one: normalize(normalize(T_j) + t_i) against normalize(R_i)."""
+
+import torch
+import torch.nn.functional as F
+
+from cirlab.methods import bidirectional as bi
+from cirlab.models import build_small_blip
+
+TINY = dict(embed_dim=16, text_hidden=32, text_layers=1, text_heads=2, vision_hidden=16, stage_channels=(8, 8, 8, 8))
+
+
+def _stage(reversed_target):
+    torch.manual_seed(0)
+    backbone = bi.prepare_backbone(build_small_blip(**TINY), bi.BiTextConfig())
+    embeds = 5 * torch.randn(6, 16)  # raw image features are far from unit norm
+    cfg = bi.BiTextConfig(reverse_weight=1.0, reversed_target=reversed_target)
+    return bi.TextStage(backbone, embeds, cfg).eval(), embeds
+
+
+def test_reversed_loss_matches_the_official_formula_and_the_raw_variant_differs():
+    batch = {"reference": torch.tensor([0, 1, 2]), "target": torch.tensor([3, 4, 5]),
+             "text": ["[FORWARD] make it red"] * 3, "back_text": ["[BACKWARD] make it red", "[BACKWARD] a", "[BACKWARD] b"]}
+    losses = {}
+    for mode in ("normalized", "raw"):
+        stage, embeds = _stage(mode)
+        with torch.no_grad():
+            out = stage.training_step(batch)
+            t = stage.encode_text(batch["back_text"])
+        refs, tgts = embeds[batch["reference"]], embeds[batch["target"]]
+        start = F.normalize(tgts, dim=-1) if mode == "normalized" else tgts
+        direct = torch.stack([100 * F.normalize(start + t[i], dim=-1) @ F.normalize(refs[i], dim=-1) for i in range(3)])
+        expected = F.cross_entropy(direct, torch.arange(3))
+        assert torch.allclose(out["loss_reversed"], expected, atol=1e-4), mode
+        losses[mode] = out["loss_reversed"].item()
+    assert abs(losses["normalized"] - losses["raw"]) > 1e-3
