@@ -70,11 +70,14 @@ class RerankComposer(GroundedComposer):
     heads = ("reranker",)
 
     def __init__(self, backbone: Backbone, recipe: QueryRecipe, reranker: DualEncoderReranker, k: int = 50,
-                 chunk_size: int = 256):
+                 chunk_size: int = 256, residual_scale: float | None = None):
         super().__init__(backbone, recipe)
         if k < 1:
             raise ValueError(f"re-ranking depth k must be >= 1, got {k}")
         self.reranker, self.k, self.chunk_size = reranker, k, chunk_size
+        # residual score: residual_scale x stage-I cosine + the re-ranker's logit; a head trained
+        # from zero then starts from stage I's order and moves it only where it has learned to
+        self.residual_scale = residual_scale
 
     @property
     def name(self) -> str:
@@ -86,23 +89,34 @@ class RerankComposer(GroundedComposer):
         return GroundedComposer(self.backbone, self.recipe)
 
     @torch.no_grad()
-    def rerank(self, references: torch.Tensor, texts: list[str], candidates: torch.Tensor) -> torch.Tensor:
-        """(Q, C) re-ranker scores (higher is better) of each query, given as cached reference tokens
-        (Q, L, h) and raw texts, against its own candidates' cached tokens (Q, C, L, h)."""
+    def rerank(self, references: torch.Tensor, texts: list[str], candidates: torch.Tensor,
+               stage1: torch.Tensor | None = None) -> torch.Tensor:
+        """(Q, C) re-ranking scores (higher is better) of each query, given as cached reference tokens
+        (Q, L, h) and raw texts, against its own candidates' cached tokens (Q, C, L, h);
+        ``stage1`` (Q, C): the candidates' stage-I cosines, needed by a residual re-ranker."""
         was_training = self.training
         self.eval()
         try:
             z_t, ids, mask = self.grounded_states(references.to(self.device), texts)
-            return self.reranker.topk_scores(z_t, ids, mask, candidates.to(self.device),
-                                             chunk_size=self.chunk_size).float()
+            scores = self.reranker.topk_scores(z_t, ids, mask, candidates.to(self.device),
+                                               chunk_size=self.chunk_size).float()
+            return self.residual(scores, stage1)
         finally:
             self.train(was_training)
+
+    def residual(self, scores: torch.Tensor, stage1: torch.Tensor | None) -> torch.Tensor:
+        """The re-ranker's logits plus ``residual_scale`` x the stage-I cosines (if residual)."""
+        if self.residual_scale is None:
+            return scores
+        if stage1 is None:
+            raise ValueError("a residual re-ranker needs the candidates' stage-I scores")
+        return scores + self.residual_scale * stage1.to(scores.device, scores.dtype)
 
     def query_parameters(self) -> list[nn.Parameter]:
         return list(self.reranker.parameters())
 
     def config(self) -> dict:
-        return {"k": self.k, "chunk_size": self.chunk_size}
+        return {"k": self.k, "chunk_size": self.chunk_size, "residual_scale": self.residual_scale}
 
     def save_heads(self, folder: Path, fingerprint: str) -> None:
         save_reranker(self.reranker, folder / "reranker", backbone=fingerprint)

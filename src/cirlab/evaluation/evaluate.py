@@ -148,8 +148,10 @@ def candidates_of(split: CIRSplit, sim: torch.Tensor, k: int) -> TopK:
 
 
 @torch.no_grad()
-def rerank_scores(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, candidates: torch.Tensor) -> torch.Tensor:
-    """(Q, C) re-ranker scores of each query against its candidate gallery indices (-1 = padding: -inf)."""
+def rerank_scores(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, candidates: torch.Tensor,
+                  sim: torch.Tensor) -> torch.Tensor:
+    """(Q, C) re-ranking scores of each query against its candidate gallery indices (-1 = padding:
+    -inf); ``sim`` is the (Q, N) stage-I similarity (a residual re-ranker adds it)."""
     per_call = max(1, composer.chunk_size // max(1, candidates.shape[1]))
     tokens = feats["tokens"]
     gallery_rows = torch.tensor([feats.index_of(i) for i in split.gallery], dtype=torch.long)
@@ -160,7 +162,8 @@ def rerank_scores(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, 
         texts, _ = query_texts(composer, chunk, True)
         refs = _rows(feats, "tokens", [q.reference for q in chunk])
         cand_tokens = tokens.index_select(0, gallery_rows[cand.clamp_min(0)].reshape(-1)).float()
-        scores = composer.rerank(refs, texts, cand_tokens.view(*cand.shape, *tokens.shape[1:]))
+        stage1 = sim[s:s + per_call].gather(1, cand.clamp_min(0))
+        scores = composer.rerank(refs, texts, cand_tokens.view(*cand.shape, *tokens.shape[1:]), stage1)
         out.append(scores.cpu().masked_fill(cand < 0, float("-inf")))
     return torch.cat(out)
 
@@ -195,10 +198,10 @@ def rerank_rows(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, si
     smaller K re-sorts its first K. CIRR's member sets are scored directly."""
     top = candidates_of(split, sim, max(ks))
     cand, stage1 = top.indices.long(), top.scores
-    scores = rerank_scores(composer, split, feats, cand)
+    scores = rerank_scores(composer, split, feats, cand, sim)
     members = _subset_members(split)
     if members is not None:
-        member_scores = rerank_scores(composer, split, feats, members)
+        member_scores = rerank_scores(composer, split, feats, members, sim)
         member_stage1 = sim.gather(1, members.clamp_min(0))
     out = {}
     variants = [("", 0.0)] + ([("+fusion", fusion_weight)] if fusion_weight is not None else [])

@@ -24,14 +24,15 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from cirlab.composers import GroundedComposer, RerankComposer
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
-from cirlab.methods.common import (RowTable, Stage, composer_stage, diagonal_ce, image_table, method_splits,
-                                   recipe_of, stage_backbone, stage_config, triplet_ids)
+from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
+                                   method_splits, recipe_of, stage_backbone, stage_config, triplet_ids)
 from cirlab.models import Backbone, BlipBackbone, load_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker
 
@@ -57,6 +58,13 @@ class RerankerConfig(RerankConfig):
     chunk_size: int = Field(256, gt=0, description="(query, candidate) pairs per re-ranker call")
     gradient_checkpointing: bool = False
     stage1_train_mode: bool = False
+    # Options beyond the official recipe (docs/methods/rerank.md), for small training budgets:
+    loss: Literal["in_batch", "topk", "mixed"] = Field(
+        "in_batch", description="in_batch: the official B x B pairs; topk: a listwise loss over each query's "
+        "train_k hardest candidates from the filter (what it must rank at test time); mixed: their sum")
+    train_k: int = Field(16, ge=2, description="topk/mixed: candidates per training query, the target among them")
+    residual: bool = Field(False, description="score = residual_scale x stage-I cosine + a head initialised to 0")
+    residual_scale: float = Field(1 / 0.07, gt=0, description="residual: the stage-I cosine as a logit")
 
 
 CONFIGS = {"filter": FilterConfig, "reranker": RerankerConfig}
@@ -96,7 +104,10 @@ class FilterStage(nn.Module):
 
 
 class RerankerStage(nn.Module):
-    """Stage II: only the re-ranker trains; z_t comes from the frozen filter."""
+    """Stage II: only the re-ranker trains; z_t (and, for the residual, the stage-I cosines) come
+    from the frozen filter. Losses: the official in-batch B x B pairs with diagonal labels, and/or a
+    listwise cross-entropy over each query's ``train_k`` filter candidates (``batch["candidates"]``,
+    rows of the token table, the target at ``batch["label"]``)."""
 
     def __init__(self, reranker: DualEncoderReranker, filter_backbone: BlipBackbone, tokens: RowTable,
                  cfg: RerankerConfig):
@@ -105,14 +116,79 @@ class RerankerStage(nn.Module):
         self.tokens = tokens  # not a buffer: it stays on disk, batches gather their rows
         filter_backbone.requires_grad_(False)
         reranker.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.residual:
+            reranker.zero_head()
+
+    def _stage1(self, z_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Stage-I cosines of each query (its [ENC] state) with candidate rows: (B, B) or (B, K)."""
+        query = F.normalize(self.filter.text_proj(z_t[:, 0]), dim=-1)
+        cls = self.tokens.first()[rows][..., 0, :].to(self.filter.dtype)
+        gallery = F.normalize(self.filter.vision_proj(cls), dim=-1)
+        return query @ gallery.T if rows.dim() == 1 else torch.einsum("bd,bkd->bk", query, gallery)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        self.filter.train(self.cfg.stage1_train_mode)
+        cfg = self.cfg
+        self.filter.train(cfg.stage1_train_mode)
         with torch.no_grad():
             z_t, ids, mask = grounded_states(self.filter, batch["text"], self.tokens[batch["reference"]],
-                                             self.cfg.max_text_length)
-        scores = self.reranker.pair_scores(z_t, ids, mask, self.tokens[batch["target"]], chunk_size=self.cfg.chunk_size)
-        return {"loss": diagonal_ce(scores)}
+                                             cfg.max_text_length)
+        out: dict[str, torch.Tensor] = {}
+        if cfg.loss in ("in_batch", "mixed"):
+            scores = self.reranker.pair_scores(z_t, ids, mask, self.tokens[batch["target"]], chunk_size=cfg.chunk_size)
+            if cfg.residual:
+                with torch.no_grad():
+                    stage1 = self._stage1(z_t, batch["target"])
+                scores = scores + cfg.residual_scale * stage1
+            out["loss_in_batch"] = diagonal_ce(scores)
+        if cfg.loss in ("topk", "mixed"):
+            cand = batch["candidates"]
+            scores = self.reranker.topk_scores(z_t, ids, mask, self.tokens[cand], chunk_size=cfg.chunk_size)
+            if cfg.residual:
+                with torch.no_grad():
+                    stage1 = self._stage1(z_t, cand)
+                scores = scores + cfg.residual_scale * stage1
+            out["loss_topk"] = F.cross_entropy(scores, batch["label"])
+        loss = sum(out.values())
+        return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
+
+
+class CandidateTriplets(torch.utils.data.Dataset):
+    """Training triplets with each query's hard candidates: the filter's top ``k`` training images
+    (its reference and the target's look-alikes, which are also right answers, left out), the
+    target put in place of the last one when the filter missed it. ``label`` is its position."""
+
+    def __init__(self, base: FeatureTriplets, candidates: torch.Tensor, labels: torch.Tensor):
+        self.base, self.candidates, self.labels = base, candidates, labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.base[index], "candidates": self.candidates[index], "label": self.labels[index]}
+
+
+@torch.no_grad()
+def hard_candidates(composer: GroundedComposer, data: FeatureTriplets, tokens: RowTable, k: int,
+                    batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(candidates (Q, k) token-table rows, labels (Q,))`` of every training query of ``data``."""
+    rows = sorted(set(data.rows.values()))
+    gallery = torch.cat([composer.gallery_vectors(tokens.first()[rows[s:s + batch_size]])
+                         for s in range(0, len(rows), batch_size)])
+    row_ids = torch.tensor(rows)
+    candidates, labels = [], []
+    for s in range(0, len(data.queries), batch_size):
+        chunk = data.queries[s:s + batch_size]
+        refs = tokens[[data.rows[q.reference] for q in chunk]]
+        sim = composer.encode_queries(refs, [default_text(q, False) for q in chunk]) @ gallery.T
+        for i, q in enumerate(chunk):
+            target = data.rows[q.target]
+            banned = {data.rows[x] for x in (q.reference, *q.positives) if x in data.rows} - {target}
+            order = [r for r in row_ids[sim[i].argsort(descending=True)].tolist() if r not in banned][:k]
+            if target not in order:
+                order[-1] = target
+            candidates.append(order)
+            labels.append(order.index(target))
+    return torch.tensor(candidates), torch.tensor(labels)
 
 
 # -- the method interface (cirlab train) -------------------------------------------------------------
@@ -142,10 +218,17 @@ def build(cfg: ExperimentConfig) -> Stage:
         return composer_stage(cfg, FilterStage(backbone, tokens, rcfg), train_data,
                               lambda m: GroundedComposer(m.backbone, recipe),
                               topk_depths=rcfg.topk_depths, max_queries=rcfg.eval_queries)
-    init = load_backbone(rcfg.reranker_init, kind="blip") if rcfg.reranker_init else backbone
+    init = load_backbone(backbone_folder(rcfg.reranker_init), kind="blip") if rcfg.reranker_init else backbone
     reranker = DualEncoderReranker.from_text_encoder(_filter_backbone(init).text_encoder,
                                                      enc_token_id=backbone.enc_token_id, merge=rcfg.merge)
+    if rcfg.loss != "in_batch":
+        filt = GroundedComposer(backbone, recipe).eval()
+        parts = train_data.datasets if isinstance(train_data, torch.utils.data.ConcatDataset) else [train_data]
+        parts = [CandidateTriplets(d, *hard_candidates(filt, d, tokens, rcfg.train_k)) for d in parts]
+        train_data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     model = RerankerStage(reranker, backbone, tokens, rcfg)
+    scale = rcfg.residual_scale if rcfg.residual else None
     return composer_stage(cfg, model, train_data,
-                          lambda m: RerankComposer(m.filter, recipe, m.reranker, k=rcfg.k, chunk_size=rcfg.chunk_size),
+                          lambda m: RerankComposer(m.filter, recipe, m.reranker, k=rcfg.k, chunk_size=rcfg.chunk_size,
+                                                   residual_scale=scale),
                           max_queries=rcfg.eval_queries)

@@ -142,6 +142,14 @@ class DualEncoderReranker(nn.Module):
         p = next(text_encoder.parameters())
         return model.to(device=p.device, dtype=p.dtype)
 
+    def zero_head(self) -> DualEncoderReranker:
+        """Make the score head output exactly 0 (its last Linear zeroed): a residual re-ranker then
+        reproduces stage I's order before training. Gradients still reach every part: the last
+        layer's weight gradient is its (non-zero) input."""
+        nn.init.zeros_(self.cls_head[-1].weight)
+        nn.init.zeros_(self.cls_head[-1].bias)
+        return self
+
     def hidden_states(
         self,
         z_t: torch.Tensor,
