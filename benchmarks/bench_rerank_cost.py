@@ -55,9 +55,9 @@ def main() -> None:
     for k in args.ks:
         cand = candidates_of(split, sim, k).indices.long()
         warm = max(1, args.chunk_size // cand.shape[1])  # one call's worth of queries
-        rerank_scores(composer, first_queries(split, warm), feats, cand[:warm])
+        rerank_scores(composer, first_queries(split, warm), feats, cand[:warm], sim[:warm])
         start = time.perf_counter()
-        scores = rerank_scores(composer, split, feats, cand)
+        scores = rerank_scores(composer, split, feats, cand, sim)
         ms = 1000 * (time.perf_counter() - start) / len(split.queries)
         m = evaluate_similarity(split, reranked_similarity(sim, cand, scores))
         results.append((k, ms, ceiling[f"R@{k}"], m["R@1"], m["R@5"]))

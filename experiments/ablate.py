@@ -3,9 +3,10 @@
     python experiments/ablate.py bidirectional --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
     python experiments/ablate.py rerank --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
 
-Every run is an ordinary ``cirlab train`` / ``cirlab eval`` run folder under ``--out`` (config,
-seed, versions and metrics recorded there); a finished run is reused, so an interrupted ablation
-continues. The collected rows go to ``<out>/results.json``; the bidirectional ablation also draws
+Every run is an ordinary ``cirlab train`` run folder (its exported ``<run>/model``) or
+``cirlab eval --model`` folder under ``--out`` (config, seed, versions and metrics recorded there);
+a finished run is reused, so an interrupted ablation continues. Evaluations are on shapes test.
+The collected rows go to ``<out>/results.json``; the bidirectional ablation also draws
 ``<out>/r1_vs_w.png`` (R@1 against the reversed-loss weight w).
 """
 
@@ -21,21 +22,30 @@ from cirlab.config import CONFIG_ROOT
 from cirlab.utils.io import atomic_write_json, read_json
 
 
-def run_train(config: Path, run: Path, sets: list[str], export: str) -> Path:
-    """Train unless ``run`` already holds its export; returns the exported folder."""
-    if not (run / export).exists():
+def run_train(config: Path, run: Path, sets: list[str]) -> Path:
+    """Train unless ``run`` already holds its exported model; returns ``<run>/model``."""
+    if not (run / "model").exists():
         if run.exists():  # interrupted earlier: start that run again
             shutil.rmtree(run)
         if cirlab(["train", "--config", str(config), "--run-dir", str(run), *(x for s in sets for x in ("--set", s))]):
             raise SystemExit(f"training failed: {run}")
-    return run / export
+    return run / "model"
 
 
-def run_eval(config: Path, run: Path, sets: list[str]) -> dict[str, dict[str, float]]:
+def run_eval(run: Path, args: list[str]) -> dict[str, dict[str, float]]:
+    """``cirlab eval`` into ``run`` (``args``: ``--model DIR ...`` or ``--config FILE --set ...``),
+    unless it already holds its metrics."""
     if not (run / "metrics.json").is_file():
-        if cirlab(["eval", "--config", str(config), "--run-dir", str(run), *(x for s in sets for x in ("--set", s))]):
+        if run.exists():  # interrupted earlier: an evaluation folder without metrics is refused again
+            shutil.rmtree(run)
+        if cirlab(["eval", "--run-dir", str(run), *args]):
             raise SystemExit(f"evaluation failed: {run}")
     return read_json(run / "metrics.json", "metrics")
+
+
+def eval_model(model: Path, run: Path, data: Path, *extra: str) -> dict[str, dict[str, float]]:
+    """``cirlab eval --model`` of an exported model on shapes test."""
+    return run_eval(run, ["--model", str(model), "--dataset", "shapes", "--root", str(data), "--split", "test", *extra])
 
 
 def summarise(results: dict[str, list[dict[str, float]]], columns: list[str]) -> str:
@@ -59,8 +69,9 @@ def bidirectional(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]
     bi = CONFIG_ROOT / "bidirectional"
     base = [f"data.root={args.data}"]
     out: dict[str, list[dict[str, float]]] = {}
-    zs = run_eval(CONFIG_ROOT / "eval" / "shapes_zeroshot_blip.yaml", args.out / "zeroshot",
-                  [*base, f"model.backbone={args.backbone}"])
+    zs = run_eval(args.out / "zeroshot", ["--config", str(CONFIG_ROOT / "eval" / "shapes_zeroshot_blip.yaml"),
+                                          "--set", f"data.root={args.data}", "--set", f"model.backbone={args.backbone}",
+                                          "--set", "evaluation.split=test"])
     out["sum baseline (zero-shot)"] = [zs["sum"]]
     stage1 = {f"w={w}": [f"method.reverse_weight={w}"] for w in args.weights}
     stage1["compat prefix, w=0.4"] = ["method.reverse_weight=0.4", "method.direction=compat"]
@@ -68,19 +79,18 @@ def bidirectional(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]
         for name, sets in stage1.items():
             tag = name.replace(" ", "_").replace(",", "").replace("=", "")
             model = run_train(bi / "shapes_text.yaml", args.out / f"text-{tag}-s{seed}",
-                              [*base, f"model.backbone={args.backbone}", f"seed={seed}", *sets, *args.stage1_set],
-                              "backbone")
-            m = run_eval(bi / "shapes_text.yaml", args.out / f"eval-text-{tag}-s{seed}",
-                         [*base, f"model.backbone={model}", *sets])
+                              [*base, f"model.backbone={args.backbone}", f"seed={seed}", *sets, *args.stage1_set])
+            m = eval_model(model, args.out / f"eval-text-{tag}-s{seed}", args.data)  # the model holds its recipe
             row = {**m["forward"], **{f"back R@{k}": m["backward"][f"R@{k}"] for k in (1, 5)}}
             out.setdefault(f"stage I, {'forward only' if name == 'w=0.0' else name}", []).append(row)
-        stage1_bi = args.out / f"text-w0.4-s{seed}" / "backbone"
+        stage1_bi = run_train(bi / "shapes_text.yaml", args.out / f"text-w0.4-s{seed}",
+                              [*base, f"model.backbone={args.backbone}", f"seed={seed}", "method.reverse_weight=0.4",
+                               *args.stage1_set])
         for w in (0.0, 0.5):
             combiner = run_train(bi / "shapes_combiner.yaml", args.out / f"combiner-w{w}-s{seed}",
                                  [*base, f"model.backbone={stage1_bi}", f"seed={seed}", f"method.reverse_weight={w}",
-                                  *args.stage2_set], "combiner")
-            m = run_eval(bi / "shapes_combiner.yaml", args.out / f"eval-combiner-w{w}-s{seed}",
-                         [*base, f"model.backbone={stage1_bi}", f"method.combiner={combiner}"])
+                                  *args.stage2_set])
+            m = eval_model(combiner, args.out / f"eval-combiner-w{w}-s{seed}", args.data)
             row = {**m["forward"], **{f"back R@{k}": m["backward"][f"R@{k}"] for k in (1, 5)}}
             out.setdefault(f"stage II on bi stage I (w=0.4), {'forward only' if w == 0 else f'bi w={w}'}", []).append(row)
     plot_weights(out, args.weights, args.out / "r1_vs_w.png")
@@ -119,15 +129,14 @@ def rerank(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
     out: dict[str, list[dict[str, float]]] = {}
     for seed in args.seeds:
         filt = run_train(rr / "shapes_filter.yaml", args.out / f"filter-s{seed}",
-                         [*base, f"model.backbone={args.backbone}", f"seed={seed}", *args.stage1_set], "backbone")
+                         [*base, f"model.backbone={args.backbone}", f"seed={seed}", *args.stage1_set])
         for merge in ("official", "average"):
             reranker = run_train(rr / "shapes_reranker.yaml", args.out / f"reranker-{merge}-s{seed}",
                                  [*base, f"model.backbone={filt}", f"method.reranker_init={args.backbone}",
-                                  f"seed={seed}", f"method.merge={merge}", *args.stage2_set], "reranker")
-            m = run_eval(rr / "shapes_reranker.yaml", args.out / f"eval-reranker-{merge}-s{seed}",
-                         [*base, f"model.backbone={filt}", f"method.reranker={reranker}",
-                          f"method.eval_ks=[{','.join(map(str, args.ks))}]", "method.fusion=true",
-                          f"method.eval_queries={args.eval_queries}"])
+                                  f"seed={seed}", f"method.merge={merge}", *args.stage2_set])
+            m = eval_model(reranker, args.out / f"eval-reranker-{merge}-s{seed}", args.data,
+                           "--rerank-k", *map(str, args.ks), "--fusion", str(args.fusion_weight),
+                           "--max-queries", str(args.eval_queries))
             for row, metrics in m.items():
                 if row == "stage1":
                     if merge == "official":
@@ -147,6 +156,7 @@ def cli() -> None:
     p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.4, 1.0])
     p.add_argument("--ks", type=int, nargs="+", default=[10, 50, 100])
     p.add_argument("--eval-queries", type=int, default=500)
+    p.add_argument("--fusion-weight", type=float, default=1.0, help="rows rerank@K+fusion: re-ranker + W x stage-I cosine")
     p.add_argument("--stage1-set", nargs="*", default=[], help="extra overrides of every stage-I training")
     p.add_argument("--stage2-set", nargs="*", default=[], help="extra overrides of every stage-II training")
     args = p.parse_args()

@@ -123,10 +123,11 @@ def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> 
 
     metrics: dict[str, dict[str, float]] = {}
     written: list[Path] = []
+    fields = sorted({f for c in composers for f in (c.gallery_field, c.reference_field)})  # one cache entry
     for composer in composers:
         grounded = composer.kind == "grounded"
         result = evaluate_composer(composer, splits, topk_depths=[10, 20, 50, 100, 200] if grounded else None,
-                                   topk_k=200 if grounded else None, **options)
+                                   topk_k=200 if grounded else None, extra_fields=fields, **options)
         metrics.update(result.metrics)
         for row in result.rankings:
             written += write_predictions(out, name, result, row)

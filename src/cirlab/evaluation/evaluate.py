@@ -222,9 +222,9 @@ Rows = dict[str, tuple[CIRSplit, torch.Tensor, torch.Tensor | None]]
 
 
 def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rerank_ks: Sequence[int] | None = None,
-               fusion_weight: float | None = None) -> Rows:
+               fusion_weight: float | None = None, extra_fields: Sequence[str] = ()) -> Rows:
     """``{row: (the split it is scored on, similarity, subset similarity or None)}`` of one split."""
-    feats = split_features(composer, split, batch_size=batch_size)
+    feats = split_features(composer, split, batch_size=batch_size, extra_fields=extra_fields)
     sim = similarity(composer, split, feats, batch_size=batch_size)
     if isinstance(composer, RerankComposer):
         reranked = rerank_rows(composer, split, feats, sim, rerank_ks or [composer.k], fusion_weight)
@@ -232,7 +232,8 @@ def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rer
     rows: Rows = {composer.name: (split, sim, None)}
     if composer.bidirectional and split.dataset == "shapes" and split.has_targets:
         back = reversed_split(split)
-        back_sim = similarity(composer, back, split_features(composer, back, batch_size=batch_size),
+        back_sim = similarity(composer, back, split_features(composer, back, batch_size=batch_size,
+                                                             extra_fields=extra_fields),
                               forward=False, batch_size=batch_size)
         rows["backward"] = (back, back_sim, None)
     return rows
@@ -241,18 +242,20 @@ def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rer
 def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_size: int = 64,
                       rerank_ks: Sequence[int] | None = None, fusion_weight: float | None = None,
                       max_queries: int | None = None, topk_depths: Sequence[int] | None = None,
-                      topk_k: int | None = None) -> Evaluation:
+                      topk_k: int | None = None, extra_fields: Sequence[str] = ()) -> Evaluation:
     """Metrics (where the splits have targets) and rankings of every row on ``splits``
     (FashionIQ: one per category, combined as its protocol says).
 
     ``topk_depths``: also R@K at these depths for the first row (how much a top-K list keeps,
     the ceiling of a re-ranker of it); ``topk_k``: keep each split's top-K candidate list of the
-    first row (written by ``cirlab eval`` as the stage-I top-K file)."""
+    first row (written by ``cirlab eval`` as the stage-I top-K file); ``extra_fields``: cache these
+    image fields too, so that several composers on one backbone share one cache entry."""
     splits = [first_queries(s, max_queries) for s in splits]
     result = Evaluation(splits)
     per_split: dict[str, list[dict[str, float]]] = {}
     for split in splits:
-        rows = split_rows(composer, split, batch_size=batch_size, rerank_ks=rerank_ks, fusion_weight=fusion_weight)
+        rows = split_rows(composer, split, batch_size=batch_size, rerank_ks=rerank_ks, fusion_weight=fusion_weight,
+                          extra_fields=extra_fields)
         first = next(iter(rows))
         if topk_k is not None:
             result.topk.append(candidates_of(split, rows[first][1], topk_k))
