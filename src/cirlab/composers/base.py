@@ -19,7 +19,7 @@ Folder layout::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence
 
@@ -68,7 +68,6 @@ class QueryRecipe:
     max_text_length: int = 77
     transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
     target_ratio: float = 1.25
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def text(self, text: str, forward: bool = True) -> str:
         return with_direction(self.prompt.replace("{text}", text), forward, self.direction)
@@ -86,7 +85,7 @@ class Composer(nn.Module):
     def __init__(self, backbone: Backbone, recipe: QueryRecipe):
         super().__init__()
         self.backbone, self.recipe = backbone, recipe
-        self._transform = build_transform(recipe.transform, backbone.image_size, recipe.target_ratio)
+        self.preprocess = build_transform(recipe.transform, backbone.image_size, recipe.target_ratio)
 
     # -- what a row of results is called ------------------------------------------------------------
     @property
@@ -109,7 +108,7 @@ class Composer(nn.Module):
 
     def pixels(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         """Decode (paths) and preprocess a list of images into a pixel batch."""
-        return torch.stack([self._transform(load_image(x) if isinstance(x, (str, Path)) else x.convert("RGB"))
+        return torch.stack([self.preprocess(load_image(x) if isinstance(x, (str, Path)) else x.convert("RGB"))
                             for x in images])
 
     @torch.no_grad()
@@ -138,8 +137,7 @@ class Composer(nn.Module):
         """(Q, d) normalised query vectors of reference images (or their cached
         ``reference_field``) and raw modification texts; the recipe formats the texts.
         ``forward=False`` asks the reverse direction (target + text -> reference)."""
-        if isinstance(references, torch.Tensor) and len(references) != len(texts) or \
-                not isinstance(references, torch.Tensor) and len(references) != len(texts):
+        if len(references) != len(texts):
             raise ValueError(f"{self.kind} composer: {len(references)} references for {len(texts)} texts")
         was_training = self.training
         self.eval()
@@ -171,11 +169,6 @@ class Composer(nn.Module):
         return self.backbone.encode_text(enc.input_ids, enc.attention_mask)
 
     # -- identity and folders -------------------------------------------------------------------------
-    def image_key(self, fields: Sequence[Field]) -> dict[str, Any]:
-        """What cached image features of ``fields`` depend on (a feature-cache key part)."""
-        return {"backbone": self.backbone.image_fingerprint(projection="embeds" in fields),
-                "transform": self.transform_name()}
-
     def config(self) -> dict[str, Any]:
         """The constructor arguments besides the backbone, recipe and heads (JSON)."""
         return {}

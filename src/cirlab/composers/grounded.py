@@ -83,11 +83,6 @@ class RerankComposer(GroundedComposer):
     def name(self) -> str:
         return f"rerank@{self.k}"
 
-    @property
-    def first_stage(self) -> GroundedComposer:
-        """The filter alone (same modules, no re-ranker)."""
-        return GroundedComposer(self.backbone, self.recipe)
-
     @torch.no_grad()
     def rerank(self, references: torch.Tensor, texts: list[str], candidates: torch.Tensor,
                stage1: torch.Tensor | None = None) -> torch.Tensor:

@@ -97,7 +97,7 @@ def split_features(composer: Composer, split: CIRSplit, *, batch_size: int = 64,
                    extra_fields: Sequence[str] = ()) -> FeatureSet:
     """The cached image fields the composer reads for the split's gallery and references."""
     fields = {composer.gallery_field, composer.reference_field, *extra_fields}
-    return image_features(composer.backbone, split, composer._transform, composer.transform_name(),
+    return image_features(composer.backbone, split, composer.preprocess, composer.transform_name(),
                           ids=split_image_ids(split), embeds="embeds" in fields, tokens="tokens" in fields,
                           batch_size=batch_size)
 
