@@ -51,3 +51,57 @@ def test_shipped_data_configs_validate(path, tmp_path):
     exp = write(tmp_path / "exp.yaml", f"defaults: {{data: {path.stem}, trainer: default}}\n")
     cfg = load_config(exp)
     assert cfg.data.dataset == path.stem
+
+
+def test_fields_that_nothing_reads_are_rejected():
+    """data.image_size, data.num_workers and data.test_split did nothing: now they are errors."""
+    for key in ("data.image_size=384", "data.num_workers=8", "data.test_split=test"):
+        with pytest.raises(ValueError, match=key.split("=")[0].split(".")[1]):
+            load_config(CONFIG_ROOT / "bidirectional" / "shapes_text.yaml", [key])
+
+
+def test_method_sections_are_typed_per_stage_with_resolved_defaults(tmp_path):
+    from cirlab.methods.bidirectional import BiTextConfig
+    from cirlab.training.run import RunDir
+
+    cfg = load_config(CONFIG_ROOT / "bidirectional" / "shapes_text.yaml")
+    assert isinstance(cfg.method, BiTextConfig) and cfg.method.reversed_target == "normalized"
+    with pytest.raises(ValueError, match="projection_dim"):  # a stage-II field in a stage-I config
+        load_config(CONFIG_ROOT / "bidirectional" / "shapes_text.yaml", ["method.projection_dim=8"])
+    with pytest.raises(ValueError, match="method.stage"):
+        load_config(CONFIG_ROOT / "bidirectional" / "shapes_text.yaml", ["method.stage=nope"])
+    # the run's config.yaml holds every default, so a changed default cannot change a --resume
+    import yaml
+
+    run = RunDir.create(cfg, tmp_path / "run")
+    written = yaml.safe_load(run.config_path.read_text())["method"]
+    assert written["reversed_target"] == "normalized" and written["text_proj_lr_scale"] == 100
+    assert run.load_config() == cfg
+    run.unlock()
+
+
+def test_shipped_shapes_configs_point_where_the_demo_writes():
+    """After `make demo`, `cirlab train --config configs/.../shapes_*.yaml` runs as written."""
+    import inspect
+
+    from cirlab.cli import demo
+
+    source = inspect.getsource(demo)
+    out = "runs/demo"
+    assert '"runs/demo"' in source and 'args.out / "shapes"' in source
+    for group, name in (("bidirectional", "shapes_text"), ("rerank", "shapes_filter"), ("eval", "shapes_zeroshot_blip")):
+        cfg = load_config(CONFIG_ROOT / group / f"{name}.yaml")
+        assert cfg.data.root == f"{out}/shapes" and cfg.model.backbone == f"{out}/pretrain-blip/backbone"
+    assert load_config(CONFIG_ROOT / "bidirectional" / "shapes_combiner.yaml").model.backbone == f"{out}/bi-text/model"
+    reranker = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml")
+    assert reranker.model.backbone == f"{out}/rerank-filter/model"
+    assert reranker.method.reranker_init == f"{out}/pretrain-blip/backbone"
+    for stage in ('"bi-text"', '"rerank-filter"', '"pretrain-blip"'):
+        assert stage in source
+
+
+def test_no_docstring_cites_a_file_users_do_not_have():
+    root = CONFIG_ROOT.parent
+    for path in [*root.glob("src/**/*.py"), *root.glob("configs/**/*.yaml"), *root.glob("docs/**/*.md"),
+                 root / "README.md"]:
+        assert "REFERENCE" not in path.read_text(), path

@@ -95,3 +95,18 @@ def evaluate_composer_rows(composers, split):
     for composer in composers:
         metrics.update(evaluate_composer(composer, [split], extra_fields=fields).metrics)
     return metrics
+
+
+def test_pretraining_selects_its_checkpoint_on_val_not_test(shapes_root, monkeypatch):
+    from cirlab.config import CONFIG_ROOT, load_config
+
+    seen = []
+    monkeypatch.setattr(pretrain, "scene_retrieval", lambda backbone, split, *a, **k: seen.append(split.split) or {})
+    cfg = load_config(CONFIG_ROOT / "pretrain" / "shapes_blip.yaml",
+                      [f"data.root={shapes_root}", "model.init_text=random",
+                       "model.small={embed_dim: 16, text_hidden: 32, text_layers: 1, text_heads: 2, vision_hidden: 16, "
+                       "stage_channels: [8, 8, 8, 8]}"])
+    assert cfg.evaluation.split == "test"  # what `cirlab eval` reports
+    stage = pretrain.build(cfg)
+    stage.evaluate(stage.model)
+    assert seen == ["val"]
