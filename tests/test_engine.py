@@ -505,3 +505,37 @@ def test_tensorboard_events_are_written_only_on_request(tmp_path, monkeypatch):
               if k not in ("event", "step")]
     assert sorted(writer.scalars) == sorted(logged)  # metrics.jsonl sorts its keys
     assert {"train/loss", "train/lr", "eval/acc"} <= {tag for tag, _, _ in logged}
+
+
+class HoledData(Dataset):
+    """Items 3 and 40 stand for unreadable images: None, their ids in a ``missing`` tracker, as
+    the image datasets do (in a worker, the tracker is the worker's copy)."""
+
+    def __init__(self) -> None:
+        from cirlab.data.images import MissingImages
+
+        self.x, self.y = separable()
+        self.missing = MissingImages()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        if i in (3, 40):
+            self.missing.add(f"img-{i}")
+            return None
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_training_reports_the_images_it_skipped(tmp_path, num_workers, caplog):
+    from cirlab.data.images import collate_skip_none
+
+    cfg = make_cfg(tmp_path, epochs=1, num_workers=num_workers)
+    torch.manual_seed(0)
+    trainer = Trainer(TinyClassifier(), HoledData(), cfg, RunDir.create(cfg, tmp_path / "run"),
+                      collate_fn=collate_skip_none)
+    with caplog.at_level("WARNING", logger="cirlab.data"):
+        trainer.fit()
+    assert trainer.skipped.ids == {"img-3", "img-40"}
+    assert "2 training images missing or unreadable" in caplog.text and "img-3" in caplog.text

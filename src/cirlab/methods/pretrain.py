@@ -73,6 +73,11 @@ class CaptionedImages(Dataset):
         self.images = GalleryDataset(split, transform, ids=ids)
         self.captions = captions
 
+    @property
+    def missing(self):
+        """The ids of the images that could not be read (the engine reports them)."""
+        return self.images.missing
+
     def __len__(self) -> int:
         return len(self.images)
 

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from cirlab.config import ExperimentConfig, OptimConfig
+from cirlab.data.images import MissingImages
 from cirlab.training import distributed
 from cirlab.training.checkpoint import load_checkpoint, save_checkpoint
 from cirlab.training.distributed import EpochBatchSampler
@@ -114,6 +115,7 @@ class Trainer:
         self._window: dict[str, float] = {}
         self._window_steps = 0
         self._resume_rng: dict | None = None
+        self.skipped = MissingImages("training images")  # unreadable ones, reported once per epoch
         loaded = resume and run.latest.exists()
         if loaded:
             self._load(run.latest)
@@ -168,7 +170,7 @@ class Trainer:
         loader = DataLoader(
             self.data,
             batch_sampler=self.sampler,
-            collate_fn=self.collate_fn,
+            collate_fn=_ReportingCollate(self.collate_fn),
             num_workers=t.num_workers,
             pin_memory=self.device.type == "cuda",
             # The loader draws its workers' base seed from this generator instead of the
@@ -178,15 +180,17 @@ class Trainer:
         desc = f"epoch {self.epoch + 1}/{t.epochs}"
         bar = progress(loader, desc=desc, total=self.sampler.num_batches, initial=start, unit="batch")
         sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(bar, start=start):
+        for i, (batch, skipped) in enumerate(bar, start=start):
+            self.skipped.update(skipped)
             boundary = (i + 1) % t.grad_accum == 0
-            sync = nullcontext() if boundary or distributed.world_size() == 1 else self.step_module.no_sync()
-            with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss, logs = _unpack(self.step_module(move_to(batch, self.device)))
-                (loss / t.grad_accum).backward()
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
+            if batch is not None:  # None: every image of the batch was missing or unreadable
+                sync = nullcontext() if boundary or distributed.world_size() == 1 else self.step_module.no_sync()
+                with sync:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                        loss, logs = _unpack(self.step_module(move_to(batch, self.device)))
+                    (loss / t.grad_accum).backward()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
             if boundary:
                 self._optimizer_step(sums)
                 sums = {}
@@ -199,6 +203,10 @@ class Trainer:
                 if every and self.step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
                     self._save()
         bar.close()
+        tracker = getattr(self.data.data, "missing", None)  # num_workers=0: the main process's copy
+        if tracker is not None:
+            self.skipped.update(tracker.drain())
+        self.skipped.report()
 
     def _start_epoch(self) -> None:
         """Call the method's epoch hook and put back the RNG state of a resumed run in the
@@ -359,6 +367,21 @@ class _TrainingStep(nn.Module):
 
     def forward(self, batch: Any) -> Any:
         return self.model.training_step(batch)
+
+
+class _ReportingCollate:
+    """The collate function, plus the ids of the images its items could not read: a DataLoader
+    worker hands over what its copy of the dataset's ``missing`` tracker found (as
+    :class:`cirlab.data.torch_data.SkipMissingLoader` does), so the main process can report them."""
+
+    def __init__(self, collate_fn: Callable | None) -> None:
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+
+    def __call__(self, items: list[Any]) -> tuple[Any, list[str]]:
+        info = get_worker_info()
+        dataset = info.dataset if info is not None else None
+        tracker = getattr(getattr(dataset, "data", None), "missing", None)
+        return self.collate_fn(items), (tracker.drain() if tracker is not None else [])
 
 
 class _WorkerSeeded(Dataset):
