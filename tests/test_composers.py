@@ -177,3 +177,23 @@ def test_a_refused_eval_leaves_no_output_folder(tiny_shapes, tiny_pretrained_bli
                  "--run-dir", str(out)]) == 2  # no CIRR annotations there
     assert main(["eval", "--model", str(tmp_path / "nowhere"), "--root", str(tiny_shapes), "--run-dir", str(out)]) == 2
     assert not out.exists()
+
+
+def test_a_composer_hands_its_shared_modules_back_in_the_mode_it_found_them(tiny_shapes, tiny_pretrained_blip):
+    """Validation builds a composer over the modules a stage trains: encoding must not leave them
+    in another mode (train mode would turn dropout on in the rest of the evaluation)."""
+    composer = every_kind(tiny_pretrained_blip)["rerank"]
+    split = load_split("shapes", tiny_shapes, "val")
+    paths = [split.find_image(i) for i in split.gallery[:2]]
+    for mode in (True, False):
+        composer.train(mode)
+        composer.reranker.eval()  # a mixed state must come back as it was too
+        seen = []
+        original = composer.compose
+        composer.compose = lambda *a, **k: seen.append(composer.backbone.training) or original(*a, **k)
+        composer.encode_gallery(paths)
+        composer.encode_queries(paths, ["make it red", "make it blue"])
+        assert seen == [False]  # encoded in eval mode
+        assert composer.backbone.training is mode and composer.reranker.training is False
+        assert all(m.training is mode for m in composer.backbone.modules())
+        del composer.compose

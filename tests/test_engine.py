@@ -539,3 +539,18 @@ def test_training_reports_the_images_it_skipped(tmp_path, num_workers, caplog):
         trainer.fit()
     assert trainer.skipped.ids == {"img-3", "img-40"}
     assert "2 training images missing or unreadable" in caplog.text and "img-3" in caplog.text
+
+
+def test_steps_whose_images_are_all_unreadable_are_skipped_not_fatal(tmp_path):
+    from cirlab.data.images import collate_skip_none
+
+    class Unreadable(HoledData):
+        def __getitem__(self, i):
+            self.missing.add(f"img-{i}")
+            return None
+
+    cfg = make_cfg(tmp_path, epochs=1, grad_clip=1.0)
+    trainer = Trainer(TinyClassifier(), Unreadable(), cfg, RunDir.create(cfg, tmp_path / "run"),
+                      collate_fn=collate_skip_none)
+    trainer.fit()
+    assert trainer.step == trainer.steps_per_epoch and len(trainer.skipped) == 96

@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def train(args: argparse.Namespace) -> int:
     from cirlab.data.images import collate_skip_none
     from cirlab.methods import method_module
+    from cirlab.training import distributed
     from cirlab.training.checkpoint import load_checkpoint
     from cirlab.training.engine import Trainer
     from cirlab.training.run import RunDir
@@ -59,6 +60,9 @@ def train(args: argparse.Namespace) -> int:
     trainer = Trainer(stage.model, stage.train_data, cfg, run, collate_fn=collate_skip_none, evaluate=stage.evaluate,
                       resume=args.resume, param_groups=stage.param_groups)
     metrics = trainer.fit()
+    distributed.barrier()  # the main rank's last checkpoint is on disk before anyone reads it
+    if not distributed.is_main():
+        return 0
     provenance = {"run": str(run.path.resolve()), "checkpoint": "final", "step": metrics.get("step")}
     if select is not None and run.best.is_file():
         best = load_checkpoint(run.best)

@@ -19,9 +19,10 @@ Folder layout::
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,19 @@ class QueryRecipe:
         return with_direction(self.prompt.replace("{text}", text), forward, self.direction)
 
 
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Eval mode inside, then every submodule back to the mode it had: composers share their
+    modules with training stages, which must find them as they left them."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class Composer(nn.Module):
     """Base of every composer. Subclasses set ``kind``, the fields they read and :meth:`compose`."""
 
@@ -115,7 +129,8 @@ class Composer(nn.Module):
     def image_features(self, images: ImageInput, fields: Sequence[Field]) -> dict[str, torch.Tensor]:
         """The backbone's ``fields`` of a batch of images (PIL, paths or pixels), float32."""
         pixels = images if isinstance(images, torch.Tensor) else self.pixels(images)
-        out = self.backbone.encode_image(pixels.to(self.device))
+        with evaluating(self.backbone):
+            out = self.backbone.encode_image(pixels.to(self.device))
         return {f: getattr(out, f).float() for f in fields}
 
     def _as_field(self, images: ImageInput, field_: Field) -> torch.Tensor:
@@ -130,7 +145,8 @@ class Composer(nn.Module):
     @torch.no_grad()
     def encode_gallery(self, images: ImageInput) -> torch.Tensor:
         """(N, d) normalised gallery vectors of images or of their cached ``gallery_field``."""
-        return self.gallery_vectors(self._as_field(images, self.gallery_field))
+        with evaluating(self):
+            return self.gallery_vectors(self._as_field(images, self.gallery_field))
 
     @torch.no_grad()
     def encode_queries(self, references: ImageInput, texts: Sequence[str], *, forward: bool = True) -> torch.Tensor:
@@ -139,12 +155,8 @@ class Composer(nn.Module):
         ``forward=False`` asks the reverse direction (target + text -> reference)."""
         if len(references) != len(texts):
             raise ValueError(f"{self.kind} composer: {len(references)} references for {len(texts)} texts")
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return self.compose(self._as_field(references, self.reference_field), list(texts), forward=forward)
-        finally:
-            self.train(was_training)
 
     def gallery_vectors(self, features: torch.Tensor) -> torch.Tensor:
         """Normalised gallery vectors from rows of ``gallery_field``."""

@@ -21,7 +21,7 @@ from torch import nn
 from cirlab.models import Backbone, BlipBackbone
 from cirlab.models.dual_encoder import DualEncoderReranker, load_reranker, save_reranker
 
-from .base import Composer, QueryRecipe, register
+from .base import Composer, QueryRecipe, evaluating, register
 
 
 def _blip(backbone: Backbone, what: str) -> BlipBackbone:
@@ -89,15 +89,11 @@ class RerankComposer(GroundedComposer):
         """(Q, C) re-ranking scores (higher is better) of each query, given as cached reference tokens
         (Q, L, h) and raw texts, against its own candidates' cached tokens (Q, C, L, h);
         ``stage1`` (Q, C): the candidates' stage-I cosines, needed by a residual re-ranker."""
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             z_t, ids, mask = self.grounded_states(references.to(self.device), texts)
             scores = self.reranker.topk_scores(z_t, ids, mask, candidates.to(self.device),
                                                chunk_size=self.chunk_size).float()
             return self.residual(scores, stage1)
-        finally:
-            self.train(was_training)
 
     def residual(self, scores: torch.Tensor, stage1: torch.Tensor | None) -> torch.Tensor:
         """The re-ranker's logits plus ``residual_scale`` x the stage-I cosines (if residual)."""

@@ -132,9 +132,9 @@ def query_vectors(composer: Composer, split: CIRSplit, feats: FeatureSet, *, for
 
 def similarity(composer: Composer, split: CIRSplit, feats: FeatureSet, *, forward: bool = True,
                batch_size: int = 64) -> torch.Tensor:
-    """(Q, N) query x gallery cosine similarities (fp32)."""
+    """(Q, N) query x gallery cosine similarities (fp32, on the CPU like the split's index tensors)."""
     return dot_similarity(query_vectors(composer, split, feats, forward=forward, batch_size=batch_size),
-                          gallery_vectors(composer, split, feats))
+                          gallery_vectors(composer, split, feats)).cpu()
 
 
 def candidates_of(split: CIRSplit, sim: torch.Tensor, k: int) -> TopK:

@@ -217,4 +217,6 @@ def build(cfg: ExperimentConfig) -> Stage:
     combiner = Combiner(backbone.embed_dim, bcfg.projection_dim, bcfg.hidden_dim, dropout=bcfg.dropout)
     combiner.logit_scale = bcfg.logit_scale
     model = CombinerStage(combiner, embeds, feats, _rows(texts), bcfg)
-    return composer_stage(cfg, model, train_data, lambda m: CombinerComposer(backbone, recipe, m.combiner))
+    # the frozen backbone is not part of the stage module: it follows the Combiner to its device
+    return composer_stage(cfg, model, train_data, lambda m: CombinerComposer(
+        backbone.to(m.text_feats.device), recipe, m.combiner))

@@ -19,7 +19,7 @@ from cirlab.config import ExperimentConfig, validate
 from cirlab.data.base import CIRSplit
 from cirlab.data.registry import load_splits
 from cirlab.data.transforms import build_transform
-from cirlab.evaluation.protocols import chance_levels, combine_splits
+from cirlab.evaluation.protocols import category_of, chance_levels, combine_splits, protocol_for
 from cirlab.models import Backbone, load_backbone
 from cirlab.retrieval.encode import image_features
 
@@ -50,7 +50,8 @@ def composer_stage(cfg: ExperimentConfig, model: nn.Module, train_data: Dataset,
     probe = to_composer(model)
     names = list(combine_splits(val_splits, [chance_levels(s) for s in val_splits]))
     if eval_options.get("topk_depths"):
-        names += [f"R@{k}" for k in eval_options["topk_depths"]]
+        prefixes = [f"{category_of(s)}/" for s in val_splits] if protocol_for(val_splits[0]).per_category else [""]
+        names += [f"{p}R@{k}" for p in prefixes for k in eval_options["topk_depths"]]
     if probe.bidirectional and cfg.data.dataset == "shapes":
         names += [f"backward/{n}" for n in names]
 

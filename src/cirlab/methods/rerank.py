@@ -35,6 +35,7 @@ from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_st
                                    method_splits, recipe_of, stage_backbone, stage_config, triplet_ids)
 from cirlab.models import Backbone, BlipBackbone, load_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker
+from cirlab.training import distributed
 
 
 class RerankConfig(Strict):
@@ -170,20 +171,23 @@ class CandidateTriplets(torch.utils.data.Dataset):
 @torch.no_grad()
 def hard_candidates(composer: GroundedComposer, data: FeatureTriplets, tokens: RowTable, k: int,
                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(candidates (Q, k) token-table rows, labels (Q,))`` of every training query of ``data``."""
-    rows = sorted(set(data.rows.values()))
-    gallery = torch.cat([composer.gallery_vectors(tokens.first()[rows[s:s + batch_size]])
+    """``(candidates (Q, k) token-table rows, labels (Q,))`` of every training query of ``data``,
+    drawn from the images of ``data``'s own triplets (one FashionIQ category at a time)."""
+    rows = sorted({data.rows[i] for q in data.queries for i in (q.reference, q.target)})
+    device = composer.device
+    gallery = torch.cat([composer.gallery_vectors(tokens.first()[torch.tensor(rows[s:s + batch_size], device=device)])
                          for s in range(0, len(rows), batch_size)])
     row_ids = torch.tensor(rows)
     candidates, labels = [], []
     for s in range(0, len(data.queries), batch_size):
         chunk = data.queries[s:s + batch_size]
-        refs = tokens[[data.rows[q.reference] for q in chunk]]
-        sim = composer.encode_queries(refs, [default_text(q, False) for q in chunk]) @ gallery.T
+        refs = tokens[torch.tensor([data.rows[q.reference] for q in chunk], device=device)]
+        sim = (composer.encode_queries(refs, [default_text(q, False) for q in chunk]) @ gallery.T).cpu()
         for i, q in enumerate(chunk):
             target = data.rows[q.target]
             banned = {data.rows[x] for x in (q.reference, *q.positives) if x in data.rows} - {target}
-            order = [r for r in row_ids[sim[i].argsort(descending=True)].tolist() if r not in banned][:k]
+            best = sim[i].topk(min(len(rows), k + len(banned))).indices
+            order = [r for r in row_ids[best].tolist() if r not in banned][:k]
             if target not in order:
                 order[-1] = target
             candidates.append(order)
@@ -222,7 +226,7 @@ def build(cfg: ExperimentConfig) -> Stage:
     reranker = DualEncoderReranker.from_text_encoder(_filter_backbone(init).text_encoder,
                                                      enc_token_id=backbone.enc_token_id, merge=rcfg.merge)
     if rcfg.loss != "in_batch":
-        filt = GroundedComposer(backbone, recipe).eval()
+        filt = GroundedComposer(backbone.to(distributed.default_device()), recipe)  # mined where it trains
         parts = train_data.datasets if isinstance(train_data, torch.utils.data.ConcatDataset) else [train_data]
         parts = [CandidateTriplets(d, *hard_candidates(filt, d, tokens, rcfg.train_k)) for d in parts]
         train_data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)

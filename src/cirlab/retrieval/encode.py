@@ -76,7 +76,9 @@ def image_features(backbone, split: CIRSplit, transform: Callable, transform_nam
     @torch.no_grad()
     def encode(batch_ids: list[str]) -> dict[str, torch.Tensor]:
         pixels = torch.stack([read(i) for i in batch_ids]).to(backbone.device)
-        out = backbone.encode_image(pixels)
+        # validation runs under the training autocast; the cache is shared with fp32 evaluation
+        with torch.autocast(backbone.device.type, enabled=False):
+            out = backbone.encode_image(pixels)
         return {f: getattr(out, f).float().cpu() for f in names}
 
     key = {"backbone": backbone.image_fingerprint(projection=embeds), "transform": transform_name,

@@ -232,6 +232,11 @@ class Trainer:
             epochs=t.epochs,
             total_steps=t.epochs * self.steps_per_epoch,
         )
+        if "loss" not in sums:  # every item of the step was unreadable (reported at the epoch's end)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.step_in_epoch += 1
+            return
         if t.grad_clip is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -254,6 +259,8 @@ class Trainer:
         self._window_steps += 1
 
     def _log(self, bar: Any) -> None:
+        if not self._window_steps:  # only unreadable batches since the last log
+            return
         means = {k: v / self._window_steps for k, v in self._window.items()}
         if distributed.world_size() > 1:  # average over ranks: each logged its local loss
             x = torch.tensor(list(means.values()), dtype=torch.float64, device=self.device)
