@@ -184,6 +184,17 @@ def _train_step(module: torch.nn.Module, loss_of: Callable[[], torch.Tensor], pr
     return step
 
 
+def _encode_images(backbone, batch: int, profiler: Profiler) -> Callable[[], None]:
+    """A gallery-encoding step: one batch of random images through the image tower, no gradient."""
+    pixels = torch.randn(batch, 3, backbone.image_size, backbone.image_size, device=profiler.device)
+
+    @torch.no_grad()
+    def step() -> None:
+        with profiler.autocast():
+            backbone.encode_image(pixels)
+    return step
+
+
 def profile(sizes: Sizes, device: torch.device, budget_s: float, row_budget_s: float) -> Profiler:
     p = Profiler(device, budget_s, row_budget_s)
     blip = build_backbone(sizes.blip()).to(device)
@@ -255,16 +266,8 @@ def profile(sizes: Sizes, device: torch.device, budget_s: float, row_budget_s: f
 
     p.run(f"SPN stage 2 (BLIP query side vs a bank of {sizes.bank})", sizes.spn_batch, spn, sizes)
 
-    def gallery_blip():
-        pixels = torch.randn(sizes.gallery_batch, 3, blip.image_size, blip.image_size, device=device)
-
-        @torch.no_grad()
-        def step() -> None:
-            with p.autocast():
-                blip.encode_image(pixels)
-        return step
-
-    p.run(f"gallery encoding, BLIP image tower at {blip.image_size} px", sizes.gallery_batch, gallery_blip, sizes)
+    p.run(f"gallery encoding, BLIP image tower at {blip.image_size} px", sizes.gallery_batch,
+          lambda: _encode_images(blip, sizes.gallery_batch, p), sizes)
 
     def query_latency():
         composer = SumComposer(blip, QueryRecipe()).eval()
@@ -298,16 +301,8 @@ def profile(sizes: Sizes, device: torch.device, budget_s: float, row_budget_s: f
 
     p.run("RTD (CLIP text encoder: trainable copy + frozen anchor)", sizes.rtd_batch, rtd, sizes)
 
-    def gallery_clip():
-        pixels = torch.randn(sizes.gallery_batch, 3, clip.image_size, clip.image_size, device=device)
-
-        @torch.no_grad()
-        def step() -> None:
-            with p.autocast():
-                clip.encode_image(pixels)
-        return step
-
-    p.run(f"gallery encoding, CLIP image tower at {clip.image_size} px", sizes.gallery_batch, gallery_clip, sizes)
+    p.run(f"gallery encoding, CLIP image tower at {clip.image_size} px", sizes.gallery_batch,
+          lambda: _encode_images(clip, sizes.gallery_batch, p), sizes)
     return p
 
 
