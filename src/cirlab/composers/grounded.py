@@ -30,6 +30,14 @@ def _blip(backbone: Backbone, what: str) -> BlipBackbone:
     return backbone
 
 
+def grounded_states(backbone: BlipBackbone, texts: list[str], ref_tokens: torch.Tensor,
+                    max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(last hidden state, input ids, attention mask)`` of the grounded encoder on (reference, text)."""
+    enc = backbone.tokenize(texts, max_length=max_length)
+    ids, mask = enc.input_ids.to(ref_tokens.device), enc.attention_mask.to(ref_tokens.device)
+    return backbone.encode_grounded(ids, mask, ref_tokens), ids, mask
+
+
 @register
 class GroundedComposer(Composer):
     kind = "grounded"
@@ -50,9 +58,8 @@ class GroundedComposer(Composer):
 
     def grounded_states(self, references: torch.Tensor, texts: list[str]):
         """``(last hidden state, input ids, attention mask)`` of the grounded encoder."""
-        enc = self.tokenize(texts)
-        return self.backbone.encode_grounded(enc.input_ids, enc.attention_mask, references), \
-            enc.input_ids, enc.attention_mask
+        return grounded_states(self.backbone, [self.recipe.text(t) for t in texts], references,
+                               self.recipe.max_text_length)
 
     def compose(self, references: torch.Tensor, texts: list[str], *, forward: bool = True) -> torch.Tensor:
         states, _, _ = self.grounded_states(references, texts)

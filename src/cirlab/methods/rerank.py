@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from cirlab.composers import GroundedComposer, RerankComposer
+from cirlab.composers.grounded import grounded_states
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
@@ -73,14 +74,6 @@ CONFIGS = {"filter": FilterConfig, "reranker": RerankerConfig}
 
 def config_model(data: dict, source: str) -> RerankConfig:
     return stage_config(CONFIGS, data, source)
-
-
-def grounded_states(backbone: BlipBackbone, texts: list[str], ref_tokens: torch.Tensor,
-                    max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(last hidden state, input ids, attention mask)`` of the grounded encoder on (reference, text)."""
-    enc = backbone.tokenize(texts, max_length=max_length)
-    ids, mask = enc.input_ids.to(ref_tokens.device), enc.attention_mask.to(ref_tokens.device)
-    return backbone.encode_grounded(ids, mask, ref_tokens), ids, mask
 
 
 class FilterStage(nn.Module):
