@@ -1,25 +1,62 @@
-"""Seeded ablations on shapes: train + evaluate variants of a method, print mean +- std tables.
+"""Seeded ablations on shapes: train + evaluate variants of a method, 3 seeds, mean ± std.
 
     python experiments/ablate.py bidirectional --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
     python experiments/ablate.py rerank --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
+    python experiments/ablate.py report docs/ablations/rerank.json --plot docs/ablations/rerank.png
 
-Every run is an ordinary ``cirlab train`` run folder (its exported ``<run>/model``) or
+Every run is an ordinary ``cirlab train`` run folder (its exported ``<run>/model``) or a
 ``cirlab eval --model`` folder under ``--out`` (config, seed, versions and metrics recorded there);
-a finished run is reused, so an interrupted ablation continues. Evaluations are on shapes test.
-The collected rows go to ``<out>/results.json``; the bidirectional ablation also draws
-``<out>/r1_vs_w.png`` (R@1 against the reversed-loss weight w).
+a finished run is reused, so an interrupted ablation continues. Evaluations are on all shapes
+test queries. The summary goes to ``--json`` in the format of docs/ablations (rows with
+``{"mean", "std"}`` per metric, plus each row's validation curve, mean over seeds); ``report``
+prints its markdown table and draws its plot, which is how docs/results.md is made.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import statistics
+import sys
 from pathlib import Path
 
 from cirlab.cli import main as cirlab
 from cirlab.config import CONFIG_ROOT
+from cirlab.training.run import RunDir
 from cirlab.utils.io import atomic_write_json, read_json
+
+BI, RR = CONFIG_ROOT / "bidirectional", CONFIG_ROOT / "rerank"
+
+# Stage-I variants: name -> overrides. "forward" is the w = 0 baseline (the paper's BLIP4CIR+Sum).
+BI_STAGE1 = {
+    "forward": ["method.reverse_weight=0"],
+    "bi w=0.1": ["method.reverse_weight=0.1"],
+    "bi w=0.4": ["method.reverse_weight=0.4"],
+    "bi w=1": ["method.reverse_weight=1"],
+    "forward, text_proj lr x10": ["method.reverse_weight=0", "method.text_proj_lr_scale=10"],
+    "bi w=0.4, text_proj lr x10": ["method.reverse_weight=0.4", "method.text_proj_lr_scale=10"],
+    "bi w=0.4, paired sampler": ["method.reverse_weight=0.4", "trainer.sampler=paired_reference"],
+    "forward, paired sampler": ["method.reverse_weight=0", "trainer.sampler=paired_reference"],
+    "bi w=0.4, reversed text": ["method.reverse_weight=0.4", "method.backward_text=reversed"],
+    "forward, 10%": ["method.reverse_weight=0", "data.train_fraction=0.1"],
+    "bi w=0.4, 10%": ["method.reverse_weight=0.4", "data.train_fraction=0.1"],
+    "forward, 25%": ["method.reverse_weight=0", "data.train_fraction=0.25"],
+    "bi w=0.4, 25%": ["method.reverse_weight=0.4", "data.train_fraction=0.25"],
+}
+# Stage-II variants, each over the stage-I model of the variant named first.
+BI_STAGE2 = {
+    "stage II forward": ("bi w=0.4", ["method.reverse_weight=0"]),
+    "stage II bi w=0.5": ("bi w=0.4", ["method.reverse_weight=0.5"]),
+}
+# Re-ranker variants over each seed's filter; "official" is the paper's recipe.
+RERANKERS = {
+    "official": [],
+    "filter init": ["method.reranker_init=@filter"],
+    "filter init, topk": ["method.reranker_init=@filter", "method.loss=topk"],
+    "filter init, topk, residual": ["method.reranker_init=@filter", "method.loss=topk", "method.residual=true"],
+    "filter init, mixed, residual": ["method.reranker_init=@filter", "method.loss=mixed", "method.residual=true"],
+}
 
 
 def run_train(config: Path, run: Path, sets: list[str]) -> Path:
@@ -33,10 +70,9 @@ def run_train(config: Path, run: Path, sets: list[str]) -> Path:
 
 
 def run_eval(run: Path, args: list[str]) -> dict[str, dict[str, float]]:
-    """``cirlab eval`` into ``run`` (``args``: ``--model DIR ...`` or ``--config FILE --set ...``),
-    unless it already holds its metrics."""
+    """``cirlab eval`` into ``run`` unless it already holds its metrics."""
     if not (run / "metrics.json").is_file():
-        if run.exists():  # interrupted earlier: an evaluation folder without metrics is refused again
+        if run.exists():
             shutil.rmtree(run)
         if cirlab(["eval", "--run-dir", str(run), *args]):
             raise SystemExit(f"evaluation failed: {run}")
@@ -44,129 +80,175 @@ def run_eval(run: Path, args: list[str]) -> dict[str, dict[str, float]]:
 
 
 def eval_model(model: Path, run: Path, data: Path, *extra: str) -> dict[str, dict[str, float]]:
-    """``cirlab eval --model`` of an exported model on shapes test."""
     return run_eval(run, ["--model", str(model), "--dataset", "shapes", "--root", str(data), "--split", "test", *extra])
 
 
-def summarise(results: dict[str, list[dict[str, float]]], columns: list[str]) -> str:
-    """Markdown table: one row per variant, mean +- std over seeds per column."""
-    lines = ["| variant | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for name, runs in results.items():
-        cells = []
-        for c in columns:
-            values = [r[c] for r in runs if c in r]
-            if not values:
-                cells.append("-")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.2f}")
-            else:
-                cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+def curve(run: Path, metric: str) -> list[list[float]]:
+    """[[step, validation metric], ...] of a training run."""
+    return [[e["step"], e[metric]] for e in RunDir.open(run).read_metrics() if e.get("event") == "eval" and metric in e]
+
+
+def tag(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name).strip("_")
+
+
+class Table:
+    """Per-row metric values over seeds, and validation curves."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[dict[str, float]]] = {}
+        self.curves: dict[str, list[list[list[float]]]] = {}
+
+    def add(self, name: str, metrics: dict[str, float], run: Path | None = None, metric: str = "") -> None:
+        self.values.setdefault(name, []).append(metrics)
+        if run is not None:
+            self.curves.setdefault(name, []).append(curve(run, metric))
+
+    def summary(self, args: argparse.Namespace) -> dict:
+        rows = []
+        for name, runs in self.values.items():
+            row: dict = {"name": name, "runs": len(runs)}
+            for m in dict.fromkeys(k for r in runs for k in r):
+                vals = [r[m] for r in runs if m in r]
+                row[m] = {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+            if name in self.curves:
+                steps = [s for s, _ in self.curves[name][0]]
+                row["val_curve"] = [[s, statistics.mean(c[i][1] for c in self.curves[name] if i < len(c))]
+                                    for i, s in enumerate(steps)]
+            rows.append(row)
+        return {"dataset": f"shapes test ({args.data})", "seeds": args.seeds,
+                "command": shlex.join(["python", "experiments/ablate.py", *sys.argv[1:]]), "rows": rows}
+
+
+def bidirectional(args: argparse.Namespace) -> Table:
+    base = [f"data.root={args.data}", *args.stage1_set]
+    table = Table()
+    for seed in args.seeds:
+        stage1 = {}
+        for name in args.variants or [*BI_STAGE1, *BI_STAGE2]:
+            if name in BI_STAGE2:
+                continue
+            run = args.out / f"text-{tag(name)}-s{seed}"
+            stage1[name] = run_train(BI / "shapes_text.yaml", run, [*base, f"model.backbone={args.backbone}",
+                                                                      f"seed={seed}", *BI_STAGE1[name]])
+            m = eval_model(stage1[name], args.out / f"eval-text-{tag(name)}-s{seed}", args.data)
+            table.add(name, {**m["forward"], **_backward(m)}, run, "Avg")
+        for name in args.variants or BI_STAGE2:
+            if name not in BI_STAGE2:
+                continue
+            first, sets = BI_STAGE2[name]
+            if first not in stage1:
+                stage1[first] = run_train(BI / "shapes_text.yaml", args.out / f"text-{tag(first)}-s{seed}",
+                                          [*base, f"model.backbone={args.backbone}", f"seed={seed}", *BI_STAGE1[first]])
+            run = args.out / f"combiner-{tag(name)}-s{seed}"
+            model = run_train(BI / "shapes_combiner.yaml", run, [f"data.root={args.data}", f"model.backbone={stage1[first]}",
+                                                                  f"seed={seed}", *sets, *args.stage2_set])
+            m = eval_model(model, args.out / f"eval-combiner-{tag(name)}-s{seed}", args.data)
+            table.add(name, {**m["forward"], **_backward(m)}, run, "Avg")
+    return table
+
+
+def _backward(m: dict[str, dict[str, float]]) -> dict[str, float]:
+    out = {f"back R@{k}": m["backward"][f"R@{k}"] for k in (1, 5)}
+    if "backward image-only" in m:
+        out["back image-only R@1"] = m["backward image-only"]["R@1"]
+    return out
+
+
+def rerank(args: argparse.Namespace) -> Table:
+    table = Table()
+    for seed in args.seeds:
+        frun = args.out / f"filter-s{seed}"
+        filt = run_train(RR / "shapes_filter.yaml", frun,
+                         [f"data.root={args.data}", f"model.backbone={args.backbone}", f"seed={seed}", *args.stage1_set])
+        fm = eval_model(filt, args.out / f"eval-filter-s{seed}", args.data)
+        table.add("filter", fm["filter"], frun, "R@1")
+        for name in args.variants or RERANKERS:
+            sets = [s.replace("@filter", str(filt)) for s in RERANKERS[name]]
+            run = args.out / f"reranker-{tag(name)}-s{seed}"
+            model = run_train(RR / "shapes_reranker.yaml", run,
+                              [f"data.root={args.data}", f"model.backbone={filt}", f"method.reranker_init={args.backbone}",
+                               f"seed={seed}", *sets, *args.stage2_set])
+            m = eval_model(model, args.out / f"eval-reranker-{tag(name)}-s{seed}", args.data,
+                           "--rerank-k", *map(str, args.ks), *(["--max-queries", str(args.eval_queries)]
+                                                               if args.eval_queries else []))
+            for row, metrics in m.items():
+                if row.startswith("rerank@"):
+                    table.add(f"{row} ({name})", metrics, run if row == f"rerank@{args.ks[0]}" else None, "R@1")
+    return table
+
+
+def report(path: Path, plot: Path | None, columns: list[str]) -> str:
+    """The markdown table of a docs/ablations file (and its plot: R@1 per row, validation curves)."""
+    data = read_json(path, "ablation")
+    cols = [c for c in columns if any(c in r for r in data["rows"])]
+    lines = [f"Shapes test, seeds {data['seeds']}, mean ± std. `{data['command']}`", "",
+             "| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for r in data["rows"]:
+        lines.append(f"| {r['name']} | " + " | ".join(
+            f"{r[c]['mean']:.2f} ± {r[c]['std']:.2f}" if c in r else "-" for c in cols) + " |")
+    if plot is not None:
+        _plot(data, plot)
     return "\n".join(lines)
 
 
-def bidirectional(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
-    bi = CONFIG_ROOT / "bidirectional"
-    base = [f"data.root={args.data}"]
-    out: dict[str, list[dict[str, float]]] = {}
-    zs = run_eval(args.out / "zeroshot", ["--config", str(CONFIG_ROOT / "eval" / "shapes_zeroshot_blip.yaml"),
-                                          "--set", f"data.root={args.data}", "--set", f"model.backbone={args.backbone}",
-                                          "--set", "evaluation.split=test"])
-    out["sum baseline (zero-shot)"] = [zs["sum"]]
-    stage1 = {f"w={w}": [f"method.reverse_weight={w}"] for w in args.weights}
-    stage1["compat prefix, w=0.4"] = ["method.reverse_weight=0.4", "method.direction=compat"]
-    for seed in args.seeds:
-        for name, sets in stage1.items():
-            tag = name.replace(" ", "_").replace(",", "").replace("=", "")
-            model = run_train(bi / "shapes_text.yaml", args.out / f"text-{tag}-s{seed}",
-                              [*base, f"model.backbone={args.backbone}", f"seed={seed}", *sets, *args.stage1_set])
-            m = eval_model(model, args.out / f"eval-text-{tag}-s{seed}", args.data)  # the model holds its recipe
-            row = {**m["forward"], **{f"back R@{k}": m["backward"][f"R@{k}"] for k in (1, 5)}}
-            out.setdefault(f"stage I, {'forward only' if name == 'w=0.0' else name}", []).append(row)
-        stage1_bi = run_train(bi / "shapes_text.yaml", args.out / f"text-w0.4-s{seed}",
-                              [*base, f"model.backbone={args.backbone}", f"seed={seed}", "method.reverse_weight=0.4",
-                               *args.stage1_set])
-        for w in (0.0, 0.5):
-            combiner = run_train(bi / "shapes_combiner.yaml", args.out / f"combiner-w{w}-s{seed}",
-                                 [*base, f"model.backbone={stage1_bi}", f"seed={seed}", f"method.reverse_weight={w}",
-                                  *args.stage2_set])
-            m = eval_model(combiner, args.out / f"eval-combiner-w{w}-s{seed}", args.data)
-            row = {**m["forward"], **{f"back R@{k}": m["backward"][f"R@{k}"] for k in (1, 5)}}
-            out.setdefault(f"stage II on bi stage I (w=0.4), {'forward only' if w == 0 else f'bi w={w}'}", []).append(row)
-    plot_weights(out, args.weights, args.out / "r1_vs_w.png")
-    return out
+def _plot(data: dict, path: Path) -> None:
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def plot_weights(out: dict[str, list[dict[str, float]]], weights: list[float], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for metric, label in (("R@1", "forward R@1"), ("back R@1", "backward R@1")):
-        means, stds = [], []
-        for w in weights:
-            runs = out[f"stage I, {'forward only' if w == 0 else f'w={w}'}"]
-            values = [r[metric] for r in runs]
-            means.append(statistics.mean(values))
-            stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
-        ax.errorbar(weights, means, yerr=stds, marker="o", capsize=3, label=label)
-    ax.set_xlabel("reversed-loss weight w (stage I)")
-    ax.set_ylabel("R@1 on shapes test (%)")
-    ax.legend()
+    rows = data["rows"]
+    fig, (bar, lines) = plt.subplots(1, 2, figsize=(11, 0.32 * len(rows) + 2))
+    names = [r["name"] for r in rows][::-1]
+    means = [r["R@1"]["mean"] for r in rows][::-1]
+    stds = [r["R@1"]["std"] for r in rows][::-1]
+    bar.barh(names, means, xerr=stds, capsize=3, color="tab:blue")
+    bar.set_xlabel("R@1 on shapes test (%), mean ± std over seeds")
+    bar.tick_params(axis="y", labelsize=7)
+    for r in rows:
+        if r.get("val_curve"):
+            steps, vals = zip(*r["val_curve"])
+            lines.plot(steps, vals, marker=".", label=r["name"])
+    lines.set_xlabel("training step")
+    lines.set_ylabel("validation (selection metric), mean over seeds")
+    lines.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
-
-
-def rerank(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
-    rr = CONFIG_ROOT / "rerank"
-    base = [f"data.root={args.data}"]
-    out: dict[str, list[dict[str, float]]] = {}
-    for seed in args.seeds:
-        filt = run_train(rr / "shapes_filter.yaml", args.out / f"filter-s{seed}",
-                         [*base, f"model.backbone={args.backbone}", f"seed={seed}", *args.stage1_set])
-        for merge in ("official", "average"):
-            reranker = run_train(rr / "shapes_reranker.yaml", args.out / f"reranker-{merge}-s{seed}",
-                                 [*base, f"model.backbone={filt}", f"method.reranker_init={args.backbone}",
-                                  f"seed={seed}", f"method.merge={merge}", *args.stage2_set])
-            m = eval_model(reranker, args.out / f"eval-reranker-{merge}-s{seed}", args.data,
-                           "--rerank-k", *map(str, args.ks), "--fusion", str(args.fusion_weight),
-                           "--max-queries", str(args.eval_queries))
-            for row, metrics in m.items():
-                if row == "stage1":
-                    if merge == "official":
-                        out.setdefault("stage I alone", []).append(metrics)
-                    continue
-                out.setdefault(f"{row} ({merge} merge)", []).append(metrics)
-    return out
 
 
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["bidirectional", "rerank"])
-    p.add_argument("--data", type=Path, required=True, help="shapes root")
-    p.add_argument("--backbone", type=Path, required=True, help="the pretrained small BLIP folder")
-    p.add_argument("--out", type=Path, help="default: runs/ablation-<method>")
+    p.add_argument("method", choices=["bidirectional", "rerank", "report"])
+    p.add_argument("path", nargs="?", type=Path, help="report: the docs/ablations JSON file")
+    p.add_argument("--plot", type=Path, help="report: draw the plot here")
+    p.add_argument("--data", type=Path, help="shapes root")
+    p.add_argument("--backbone", type=Path, help="the pretrained small BLIP folder")
+    p.add_argument("--out", type=Path, help="run folders (default: runs/ablation-<method>)")
+    p.add_argument("--json", type=Path, help="summary file (default: <out>/summary.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.1, 0.4, 1.0])
-    p.add_argument("--ks", type=int, nargs="+", default=[10, 50, 100])
-    p.add_argument("--eval-queries", type=int, default=500)
-    p.add_argument("--fusion-weight", type=float, default=1.0, help="rows rerank@K+fusion: re-ranker + W x stage-I cosine")
+    p.add_argument("--variants", nargs="+", help="only these rows (default: every variant of the method)")
+    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50])
+    p.add_argument("--eval-queries", type=int, help="re-ranking: the first N test queries only (default: all)")
     p.add_argument("--stage1-set", nargs="*", default=[], help="extra overrides of every stage-I training")
     p.add_argument("--stage2-set", nargs="*", default=[], help="extra overrides of every stage-II training")
     args = p.parse_args()
+    columns = ["R@1", "R@5", "R@10", "R@50", "Avg", "back R@1", "back image-only R@1"]
+    if args.method == "report":
+        print(report(args.path, args.plot, columns))
+        return
+    if args.data is None or args.backbone is None:
+        p.error("--data and --backbone are required")
+    known = BI_STAGE1 | BI_STAGE2 if args.method == "bidirectional" else RERANKERS
+    unknown = [v for v in args.variants or [] if v not in known]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {list(known)}")
     args.out = args.out or Path(f"runs/ablation-{args.method}")
-    results = (bidirectional if args.method == "bidirectional" else rerank)(args)
-    atomic_write_json(args.out / "results.json", results, indent=1)
-    columns = ["R@1", "R@5", "R@10", "R@50", "Rs@1", "Avg"]
-    if args.method == "bidirectional":
-        columns += ["back R@1", "back R@5"]
-    print(summarise(results, columns))
+    table = (bidirectional if args.method == "bidirectional" else rerank)(args)
+    path = args.json or args.out / "summary.json"
+    atomic_write_json(path, table.summary(args), indent=1)
+    print(report(path, None, columns))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ that reach the re-ranker through both losses."""
 import torch
 
 from cirlab.composers import GroundedComposer, QueryRecipe, RerankComposer
+from cirlab.composers.grounded import grounded_states
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.registry import load_split
 from cirlab.evaluation.evaluate import evaluate_composer, rerank_rows, similarity, split_features
@@ -59,3 +60,50 @@ def test_hard_candidates_hold_the_target_at_the_label_and_never_the_reference(ti
     head = stage.model.reranker.cls_head[-1].weight
     assert head.grad is not None and head.grad.abs().sum() > 0
     assert all(p.grad is None for p in stage.model.filter.parameters())
+
+
+def test_an_oracle_reranker_lifts_exactly_the_targets_inside_the_top_k(tiny_shapes, tiny_pretrained_blip, monkeypatch):
+    """The evaluation maps each candidate index to its gallery image: a re-ranker that scores the
+    target's tokens 1 and every other candidate 0 must give R@1 = the filter's R@K. A swapped
+    candidate-id mapping, a flipped sign or another logit index breaks this equality."""
+    split = load_split("shapes", tiny_shapes, "val")
+    composer = _composer(tiny_pretrained_blip, residual_scale=None)
+    feats = split_features(composer, split)
+    target = {i: feats["tokens"][feats.index_of(q.target)] for i, q in enumerate(split.queries)}
+    seen = {"row": 0}
+
+    def oracle(references, texts, candidates, stage1=None):
+        first = seen["row"] % len(split.queries)  # one pass for the top K, one for the subset members
+        seen["row"] += len(texts)
+        return torch.stack([(c == target[first + i]).flatten(1).all(1).float() for i, c in enumerate(candidates)])
+
+    monkeypatch.setattr(composer, "rerank", oracle)
+    result = evaluate_composer(composer, [split], rerank_ks=[5])
+    filt = evaluate_composer(GroundedComposer(composer.backbone, QueryRecipe()), [split], topk_depths=[5])
+    assert result.metrics["rerank@5"]["R@1"] == filt.metrics["filter"]["R@5"] > result.metrics["stage1"]["R@1"]
+
+
+def test_training_losses_score_query_i_against_target_j_with_the_target_as_label(tiny_shapes, tiny_pretrained_blip):
+    """Both re-ranker losses against a direct loop over (query, candidate) pairs with ``score``:
+    in-batch, row i holds query i against every target and its label is i; listwise, row i holds
+    query i's candidates and the label is the target's position. A transposed layout differs."""
+    cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml",
+                      [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}", "method.reranker_init=null",
+                       "method.loss=mixed", "method.train_k=4"])
+    stage = rerank.build(cfg)
+    model = stage.model.eval()
+    batch = torch.utils.data.default_collate([stage.train_data[i] for i in (0, 7, 13)])
+    with torch.no_grad():
+        out = model.training_step(batch)
+        model.eval()  # training_step puts the filter in its configured mode; the re-ranker stays in eval
+        z_t, ids, mask = grounded_states(model.filter, batch["text"], model.tokens[batch["reference"]], cfg.method.max_text_length)
+        tok = model.tokens
+
+        def score(i, row):
+            return model.reranker.score(z_t[i:i + 1], ids[i:i + 1], mask[i:i + 1], tok[torch.tensor([row])])[0]
+
+        pairs = torch.stack([torch.stack([score(i, int(t)) for t in batch["target"]]) for i in range(3)])
+        lists = torch.stack([torch.stack([score(i, int(c)) for c in batch["candidates"][i]]) for i in range(3)])
+    assert torch.allclose(out["loss_in_batch"], torch.nn.functional.cross_entropy(pairs, torch.arange(3)), atol=1e-5)
+    assert not torch.allclose(out["loss_in_batch"], torch.nn.functional.cross_entropy(pairs.T, torch.arange(3)), atol=1e-5)
+    assert torch.allclose(out["loss_topk"], torch.nn.functional.cross_entropy(lists, batch["label"]), atol=1e-5)

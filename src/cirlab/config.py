@@ -40,6 +40,8 @@ class DataConfig(Strict):
     val_split: str = "val"
     transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
     target_ratio: float = 1.25
+    train_fraction: float = Field(1.0, gt=0, le=1, description="train on this share of the training triplets "
+                                  "(a fixed draw, the same for every seed and method: data-limited experiments)")
 
 
 class OptimConfig(Strict):
@@ -74,6 +76,9 @@ class TrainerConfig(Strict):
     select_metric: str | None = None
     log_every_steps: int = Field(10, ge=1)
     num_workers: int = 0
+    sampler: Literal["random", "paired_reference"] = Field(
+        "random", description="random: one permutation per epoch; paired_reference: samples in pairs that share "
+        "a reference image (CSS/TIRG style), so that every batch holds hard negatives")
     output_dir: str = "runs"
 
 

@@ -8,10 +8,10 @@ back to the main process, and warns once at the end of the epoch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, get_worker_info
 
 from cirlab.data.base import CIRSplit, Query
 from cirlab.data.fashioniq import fiq_train_caption, fiq_val_caption
@@ -132,6 +132,10 @@ class FeatureTriplets(Dataset):
     def __len__(self) -> int:
         return len(self.queries)
 
+    def groups(self) -> list[str]:
+        """Each sample's reference image (``trainer.sampler: paired_reference``)."""
+        return [q.reference for q in self.queries]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         q = self.queries[index]
         item = {"index": index, "reference": self.rows[q.reference], "target": self.rows[q.target],
@@ -139,6 +143,18 @@ class FeatureTriplets(Dataset):
         if self.back_text_fn is not None:
             item["back_text"] = self.back_text_fn(q)
         return item
+
+
+def sample_groups(dataset: Dataset) -> list[Hashable]:
+    """The group key of every sample of ``dataset`` (a ``ConcatDataset`` of parts with ``groups()``,
+    or a wrapper whose ``base`` has them), for the paired-reference sampler."""
+    if isinstance(dataset, ConcatDataset):
+        return [key for part in dataset.datasets for key in sample_groups(part)]
+    for d in (dataset, getattr(dataset, "base", None)):
+        if hasattr(d, "groups"):
+            return list(d.groups())
+    raise ValueError(f"trainer.sampler paired_reference: {type(dataset).__name__} has no reference images to pair "
+                     "(only the methods that train on triplets have them)")
 
 
 def _collate(batch: list[Any]) -> tuple[Any, list[str]]:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from cirlab.composers import Composer, RerankComposer
+from cirlab.composers import Composer, RerankComposer, ZeroShotComposer
 from cirlab.data.base import CIRSplit, Query
 from cirlab.data.torch_data import default_text
 from cirlab.evaluation.protocols import (category_of, combine_splits, evaluate_similarity, index_split, protocol_for,
@@ -236,6 +236,10 @@ def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rer
                                                              extra_fields=extra_fields),
                               forward=False, batch_size=batch_size)
         rows["backward"] = (back, back_sim, None)
+        # the level to beat: the target image alone, no text (shapes scenes are one edit apart)
+        image_only = ZeroShotComposer(composer.backbone, composer.recipe, mode="image")
+        rows["backward image-only"] = (back, similarity(image_only, back, split_features(
+            image_only, back, batch_size=batch_size, extra_fields=extra_fields), batch_size=batch_size), None)
     return rows
 
 

@@ -33,8 +33,8 @@ from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.base import Query
 from cirlab.data.fashioniq import fiq_train_forms
 from cirlab.data.torch_data import FeatureTriplets, default_text
-from cirlab.methods.common import (Stage, composer_stage, diagonal_ce, image_table, method_splits, recipe_of,
-                                   stage_backbone, stage_config, triplet_ids)
+from cirlab.methods.common import (Stage, composer_stage, diagonal_ce, image_table, recipe_of,
+                                   stage_backbone, stage_config, training_splits, triplet_ids)
 from cirlab.models import Backbone, BlipBackbone, add_tokens
 from cirlab.models.combiner import Combiner
 from cirlab.training.losses import info_nce, reversed_sum_logits
@@ -150,7 +150,7 @@ class TextStage(nn.Module):
         if self.cfg.reverse_weight > 0:
             back = self.encode_text(batch["back_text"])
             start = F.normalize(tgt, dim=-1) if self.cfg.reversed_target == "normalized" else tgt
-            reverse = diagonal_ce(reversed_sum_logits(start, back, ref, self.cfg.logit_scale))
+            reverse = diagonal_ce(reversed_sum_logits(start, back, ref, self.cfg.logit_scale), batch["reference"])
             out.update(loss=forward + self.cfg.reverse_weight * reverse, loss_reversed=reverse.detach())
         return out
 
@@ -197,7 +197,7 @@ def build(cfg: ExperimentConfig) -> Stage:
     """The stage's module, its training triplets over cached image features, and its composer."""
     bcfg = cfg.method
     backbone = prepare_backbone(stage_backbone(cfg, "method bidirectional"), bcfg)
-    train_splits = method_splits(cfg, cfg.data.train_split)
+    train_splits = training_splits(cfg)
     table, rows = image_table(backbone, train_splits, cfg, triplet_ids)
     embeds = table["embeds"]
     back = (lambda q: backward_query_text(q, bcfg, _training_draw)) if bcfg.reverse_weight > 0 else None

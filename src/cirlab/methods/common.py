@@ -3,7 +3,7 @@ image-feature table, in-batch CE."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -101,6 +101,23 @@ def method_splits(cfg: ExperimentConfig, split: str) -> list[CIRSplit]:
     return load_splits(cfg.data.dataset, cfg.data.root, split, categories=categories)
 
 
+def training_splits(cfg: ExperimentConfig) -> list[CIRSplit]:
+    """The training split(s), cut to ``data.train_fraction`` of their triplets.
+
+    The kept triplets are a fixed draw (generator seed 0, independent of ``seed``), so every
+    seed and every method of a data-limited comparison trains on the same ones."""
+    splits = method_splits(cfg, cfg.data.train_split)
+    fraction = cfg.data.train_fraction
+    if fraction >= 1:
+        return splits
+    out = []
+    for s in splits:
+        n = max(1, round(fraction * len(s.queries)))
+        keep = sorted(torch.randperm(len(s.queries), generator=torch.Generator().manual_seed(0))[:n].tolist())
+        out.append(replace(s, queries=[s.queries[i] for i in keep], name=f"{s.name}[{fraction:g}]"))
+    return out
+
+
 def triplet_ids(split: CIRSplit) -> list[str]:
     """Every reference and target image of a split's queries (what training reads)."""
     return list(dict.fromkeys(i for q in split.queries for i in (q.reference, q.target) if i is not None))
@@ -171,6 +188,14 @@ def image_table(backbone: Backbone, splits: list[CIRSplit], cfg: ExperimentConfi
     return {"embeds": torch.cat(parts["embeds"]).float()}, rows
 
 
-def diagonal_ce(logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of a (B, B) in-batch score matrix whose positives lie on the diagonal."""
-    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+def diagonal_ce(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of a (B, B) in-batch score matrix whose positives lie on the diagonal.
+
+    ``rows`` (B,): the image row of each column's positive; a column showing the same image as
+    the diagonal one is left out of that row's softmax (it is not a negative: the paired sampler
+    puts two queries with the same reference in a batch)."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    if rows is not None:
+        same = (rows[:, None] == rows[None, :]) & (labels[:, None] != labels[None, :])
+        logits = logits.masked_fill(same.to(logits.device), float("-inf"))
+    return F.cross_entropy(logits, labels)

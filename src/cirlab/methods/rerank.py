@@ -33,7 +33,7 @@ from cirlab.composers.grounded import grounded_states
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
-                                   method_splits, recipe_of, stage_backbone, stage_config, triplet_ids)
+                                   recipe_of, stage_backbone, stage_config, training_splits, triplet_ids)
 from cirlab.models import Backbone, BlipBackbone, load_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker
 from cirlab.training import distributed
@@ -198,7 +198,7 @@ def _filter_backbone(backbone: Backbone) -> BlipBackbone:
 
 
 def _triplets(cfg: ExperimentConfig, backbone: Backbone):
-    splits = method_splits(cfg, cfg.data.train_split)
+    splits = training_splits(cfg)
     table, rows = image_table(backbone, splits, cfg, triplet_ids, tokens=True)
     text = lambda q: default_text(q, True)  # noqa: E731
     datasets = [FeatureTriplets(s, rows, text) for s in splits]

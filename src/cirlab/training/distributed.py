@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Iterator
+from typing import Hashable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -126,6 +126,11 @@ class EpochBatchSampler(Sampler[list[int]]):
     with batch ``B*W`` would see. The number of batches is the same on every rank, rounded down
     to a multiple of ``multiple_of`` (gradient accumulation never sees a partial step).
     ``set_epoch(epoch, start=k)`` skips the first ``k`` batches without loading them (resume).
+
+    With ``groups`` (one key per sample, e.g. its reference image) the permutation is one of
+    pairs: each group is shuffled and cut into pairs, the pairs are shuffled and laid end to end,
+    so that most samples share a batch with another one of their group (TIRG's CSS sampling,
+    which puts hard negatives in every batch).
     """
 
     def __init__(
@@ -137,12 +142,26 @@ class EpochBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         multiple_of: int = 1,
+        groups: Sequence[Hashable] | None = None,
     ) -> None:
+        if groups is not None and len(groups) != num_samples:
+            raise ValueError(f"EpochBatchSampler: {len(groups)} group keys for {num_samples} samples")
+        members: dict[Hashable, list[int]] = {}
+        for i, key in enumerate(groups or ()):
+            members.setdefault(key, []).append(i)
+        self.groups = list(members.values()) if groups is not None else None
         self.num_samples, self.batch_size = num_samples, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         per_step = batch_size * world_size * multiple_of
         self.num_batches = (num_samples // per_step) * multiple_of
         self.epoch, self.start = 0, 0
+
+    def _pairs(self, g: torch.Generator) -> list[int]:
+        pairs = []
+        for members in self.groups or ():
+            shuffled = [members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+            pairs += [shuffled[j:j + 2] for j in range(0, len(shuffled), 2)]
+        return [i for j in torch.randperm(len(pairs), generator=g).tolist() for i in pairs[j]]
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -152,7 +171,7 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.num_samples, generator=g).tolist()
+        perm = self._pairs(g) if self.groups is not None else torch.randperm(self.num_samples, generator=g).tolist()
         b, w = self.batch_size, self.world_size
         for i in range(self.start, self.num_batches):
             first = (i * w + self.rank) * b

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from cirlab.config import ExperimentConfig, OptimConfig
 from cirlab.data.images import MissingImages
+from cirlab.data.torch_data import sample_groups
 from cirlab.training import distributed
 from cirlab.training.checkpoint import load_checkpoint, save_checkpoint
 from cirlab.training.distributed import EpochBatchSampler
@@ -90,6 +91,7 @@ class Trainer:
             rank=distributed.rank(),
             world_size=distributed.world_size(),
             multiple_of=t.grad_accum,
+            groups=sample_groups(train_data) if t.sampler == "paired_reference" else None,
         )
         if self.sampler.num_batches == 0:
             raise ValueError(
