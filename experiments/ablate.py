@@ -49,13 +49,13 @@ BI_STAGE2 = {
     "stage II forward": ("bi w=0.4", ["method.reverse_weight=0"]),
     "stage II bi w=0.5": ("bi w=0.4", ["method.reverse_weight=0.5"]),
 }
-# Re-ranker variants over each seed's filter; "official" is the paper's recipe.
+# Re-ranker variants over each seed's filter; the shapes config's default is "filter init, topk, residual".
 RERANKERS = {
-    "official": [],
-    "filter init": ["method.reranker_init=@filter"],
-    "filter init, topk": ["method.reranker_init=@filter", "method.loss=topk"],
-    "filter init, topk, residual": ["method.reranker_init=@filter", "method.loss=topk", "method.residual=true"],
-    "filter init, mixed, residual": ["method.reranker_init=@filter", "method.loss=mixed", "method.residual=true"],
+    "filter init, topk, residual": [],
+    "official": ["method.reranker_init=@backbone", "method.loss=in_batch", "method.residual=false"],
+    "filter init, topk": ["method.residual=false"],
+    "filter init, mixed, residual": ["method.loss=mixed"],
+    "filter init, in_batch, residual": ["method.loss=in_batch"],
 }
 
 
@@ -164,11 +164,10 @@ def rerank(args: argparse.Namespace) -> Table:
         fm = eval_model(filt, args.out / f"eval-filter-s{seed}", args.data)
         table.add("filter", fm["filter"], frun, "R@1")
         for name in args.variants or RERANKERS:
-            sets = [s.replace("@filter", str(filt)) for s in RERANKERS[name]]
+            sets = [s.replace("@backbone", str(args.backbone)) for s in RERANKERS[name]]
             run = args.out / f"reranker-{tag(name)}-s{seed}"
             model = run_train(RR / "shapes_reranker.yaml", run,
-                              [f"data.root={args.data}", f"model.backbone={filt}", f"method.reranker_init={args.backbone}",
-                               f"seed={seed}", *sets, *args.stage2_set])
+                              [f"data.root={args.data}", f"model.backbone={filt}", f"seed={seed}", *sets, *args.stage2_set])
             m = eval_model(model, args.out / f"eval-reranker-{tag(name)}-s{seed}", args.data,
                            "--rerank-k", *map(str, args.ks), *(["--max-queries", str(args.eval_queries)]
                                                                if args.eval_queries else []))

@@ -33,3 +33,21 @@ def test_reversed_loss_matches_the_official_formula_and_the_raw_variant_differs(
         assert torch.allclose(out["loss_reversed"], expected, atol=1e-4), mode
         losses[mode] = out["loss_reversed"].item()
     assert abs(losses["normalized"] - losses["raw"]) > 1e-3
+
+
+def test_the_exported_composer_forms_backward_queries_as_stage_one_trained_them():
+    """Evaluation's backward query must be the training one: normalize(normalize(T) + t_backward)
+    (raw image features are ~8x unit norm on shapes: T + t would be another query)."""
+    from cirlab.composers import SumComposer
+    from cirlab.config import ExperimentConfig
+    from cirlab.methods.common import recipe_of
+
+    for mode in ("normalized", "raw"):
+        stage, embeds = _stage(mode)
+        recipe = recipe_of(ExperimentConfig(), bi.BiTextConfig(direction="tokens", reversed_target=mode))
+        composer = SumComposer(stage.backbone, recipe).eval()
+        with torch.no_grad():
+            got = composer.compose(embeds[:2], ["make it red", "b"], forward=False)
+            t = stage.encode_text(["[BACKWARD] make it red", "[BACKWARD] b"])
+        start = F.normalize(embeds[:2], dim=-1) if mode == "normalized" else embeds[:2]
+        assert torch.allclose(got, F.normalize(start + t, dim=-1), atol=1e-5), mode

@@ -128,7 +128,7 @@ def demo(args: argparse.Namespace) -> int:
                                     "rerank-filter", "--model", str(filt)):
         return 1
     reranker = train("re-ranking stage II: the dual-encoder re-ranker", rr / "shapes_reranker.yaml",
-                     "rerank-reranker", f"model.backbone={filt}", f"method.reranker_init={backbone}")
+                     "rerank-reranker", f"model.backbone={filt}")
     if reranker is None or not evaluate("re-ranking stage II on shapes test (first queries only: it scores K pairs per query)", "rerank-reranker",
                                         "--model", str(reranker), "--max-queries", "40" if args.quick else "200"):
         return 1

@@ -61,11 +61,14 @@ class QueryRecipe:
     ``prompt`` wraps the text (``{text}`` is replaced; projection-based zero-shot CIR uses
     e.g. "a photo of $ that {text}"); ``direction`` is the Bi-BLIP4CIR marker mode;
     ``backward_text`` says what a backward query's text is ("forward": the forward text with
-    ``[BACKWARD]``; "reversed": the shapes generator's exact reversed text, marked forward)."""
+    ``[BACKWARD]``; "reversed": the shapes generator's exact reversed text, marked forward);
+    ``backward_target`` how a backward query's image enters the sum, as stage I trained it
+    ("normalized": normalize(T) + t, the official reversed query; "raw": T + t)."""
 
     prompt: str = "{text}"
     direction: Literal["tokens", "compat", "none"] = "none"
     backward_text: Literal["forward", "reversed"] = "forward"
+    backward_target: Literal["normalized", "raw"] = "normalized"
     max_text_length: int = 77
     transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
     target_ratio: float = 1.25

@@ -28,6 +28,8 @@ class SumComposer(Composer):
         return "forward"
 
     def compose(self, references: torch.Tensor, texts: list[str], *, forward: bool = True) -> torch.Tensor:
+        if not forward and self.recipe.backward_target == "normalized":
+            references = F.normalize(references, dim=-1)  # the reversed query stage I trained on
         return F.normalize(references + self.encode_text(texts, forward), dim=-1)
 
     def query_parameters(self) -> list[nn.Parameter]:

@@ -70,6 +70,7 @@ def recipe_of(cfg: ExperimentConfig, mcfg: BaseModel) -> QueryRecipe:
     """The query recipe of a stage: the data's image preprocessing and the method's text options."""
     return QueryRecipe(direction=getattr(mcfg, "direction", "none"),
                        backward_text=getattr(mcfg, "backward_text", "forward"),
+                       backward_target=getattr(mcfg, "reversed_target", "normalized"),
                        max_text_length=mcfg.max_text_length, transform=cfg.data.transform,
                        target_ratio=cfg.data.target_ratio)
 
