@@ -44,8 +44,9 @@ def test_hard_candidates_hold_the_target_at_the_label_and_never_the_reference(ti
     stage = rerank.build(cfg)
     data = stage.train_data
     rows = data.base.rows
+    assert 0 < len(data) <= len(data.base)
     for i in range(len(data)):
-        item, q = data[i], data.base.queries[i]
+        item, q = data[i], data.base.queries[data.keep[i]]
         cand = item["candidates"].tolist()
         assert len(cand) == 6 and len(set(cand)) == 6
         assert cand[item["label"]] == rows[q.target] == item["target"]

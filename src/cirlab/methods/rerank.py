@@ -147,25 +147,38 @@ class RerankerStage(nn.Module):
 
 
 class CandidateTriplets(torch.utils.data.Dataset):
-    """Training triplets with each query's hard candidates: the filter's top ``k`` training images
-    (its reference and the target's look-alikes, which are also right answers, left out), the
-    target put in place of the last one when the filter missed it. ``label`` is its position."""
+    """The training triplets whose target is among the filter's top ``k`` training images (its
+    reference and the target's look-alikes, which are also right answers, left out), each with
+    that list as ``candidates`` and the target's position in it as ``label``.
+
+    Queries the filter misses are left out rather than given the target in place of the last
+    candidate: with the residual score, an inserted target is the list's lowest stage-I score, and
+    the re-ranker learned exactly that shortcut ("the worst-looking candidate wins"), which drops
+    test R@1 far below the filter's (24.5 -> 8.0 on 200 val queries, docs/methods/rerank.md)."""
 
     def __init__(self, base: FeatureTriplets, candidates: torch.Tensor, labels: torch.Tensor):
+        self.keep = (labels >= 0).nonzero().flatten().tolist()
+        if not self.keep:
+            raise ValueError("method rerank: the filter's top train_k holds no training target; raise method.train_k")
         self.base, self.candidates, self.labels = base, candidates, labels
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.keep)
+
+    def groups(self) -> list[str]:
+        return [self.base.queries[i].reference for i in self.keep]
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.base[index], "candidates": self.candidates[index], "label": self.labels[index]}
+        i = self.keep[index]
+        return {**self.base[i], "candidates": self.candidates[i], "label": self.labels[i]}
 
 
 @torch.no_grad()
 def hard_candidates(composer: GroundedComposer, data: FeatureTriplets, tokens: RowTable, k: int,
                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """``(candidates (Q, k) token-table rows, labels (Q,))`` of every training query of ``data``,
-    drawn from the images of ``data``'s own triplets (one FashionIQ category at a time)."""
+    drawn from the images of ``data``'s own triplets (one FashionIQ category at a time); the label
+    is -1 where the target is not among the candidates."""
     rows = sorted({data.rows[i] for q in data.queries for i in (q.reference, q.target)})
     device = composer.device
     gallery = torch.cat([composer.gallery_vectors(tokens.first()[torch.tensor(rows[s:s + batch_size], device=device)])
@@ -181,10 +194,8 @@ def hard_candidates(composer: GroundedComposer, data: FeatureTriplets, tokens: R
             banned = {data.rows[x] for x in (q.reference, *q.positives) if x in data.rows} - {target}
             best = sim[i].topk(min(len(rows), k + len(banned))).indices
             order = [r for r in row_ids[best].tolist() if r not in banned][:k]
-            if target not in order:
-                order[-1] = target
             candidates.append(order)
-            labels.append(order.index(target))
+            labels.append(order.index(target) if target in order else -1)
     return torch.tensor(candidates), torch.tensor(labels)
 
 
@@ -222,6 +233,8 @@ def build(cfg: ExperimentConfig) -> Stage:
         filt = GroundedComposer(backbone.to(distributed.default_device()), recipe)  # mined where it trains
         parts = train_data.datasets if isinstance(train_data, torch.utils.data.ConcatDataset) else [train_data]
         parts = [CandidateTriplets(d, *hard_candidates(filt, d, tokens, rcfg.train_k)) for d in parts]
+        print(f"re-ranker training lists: {sum(len(p) for p in parts)} of {sum(len(p.base) for p in parts)} "
+              f"training queries have their target in the filter's top {rcfg.train_k}", flush=True)
         train_data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     model = RerankerStage(reranker, backbone, tokens, rcfg)
     scale = rcfg.residual_scale if rcfg.residual else None
