@@ -554,3 +554,20 @@ def test_steps_whose_images_are_all_unreadable_are_skipped_not_fatal(tmp_path):
                       collate_fn=collate_skip_none)
     trainer.fit()
     assert trainer.step == trainer.steps_per_epoch and len(trainer.skipped) == 96
+
+
+def test_eval_at_start_keeps_the_untrained_model_when_training_makes_it_worse(tmp_path):
+    cfg = make_cfg(tmp_path, select_metric="acc", eval_at_start=True)
+    run = RunDir.create(cfg)
+    calls = []
+
+    def worse_each_time(model):
+        calls.append(1)
+        return {"acc": 100.0 - len(calls)}
+
+    train(cfg, run, evaluate=worse_each_time)
+    evals = [json.loads(line) for line in run.metrics_path.read_text().splitlines()]
+    evals = [r for r in evals if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 6, 12, 18]
+    best = load_checkpoint(run.best)
+    assert best["step"] == 0 and best["best_metric"] == 99.0

@@ -73,6 +73,8 @@ class TrainerConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint_every_steps: int | None = None
     eval_every_epochs: int = Field(1, ge=1)
+    eval_at_start: bool = Field(False, description="also validate (and keep as best.pt) the model before the first "
+                                "step, so that select_metric can choose no training at all over a worse result")
     select_metric: str | None = None
     log_every_steps: int = Field(10, ge=1)
     num_workers: int = 0

@@ -145,6 +145,9 @@ class Trainer:
         if self._resume_rng is None:
             seed_everything(self.cfg.seed + distributed.rank())
         try:
+            if t.eval_at_start and self.step == 0 and self.evaluate_fn is not None:
+                self._evaluate()
+                self._save()
             while self.epoch < t.epochs and not self._budget_spent():
                 self._train_epoch()
                 if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps mid-epoch
