@@ -89,7 +89,7 @@ def test_both_stages_lower_the_loss_and_raise_recall(tiny_shapes, tiny_pretraine
     # the exported model, scored by `cirlab eval --model` on the split training validated on,
     # gives the numbers of the run's (only, hence selected) evaluation: one evaluation path
     metrics = _eval(stage1, tiny_shapes, "train", tmp_path / "eval-text-train")
-    assert set(metrics) == {"forward", "backward"}
+    assert set(metrics) == {"forward", "backward", "backward image-only"}
     for name, value in metrics["forward"].items():
         assert value == pytest.approx(after[name], abs=1e-6), name
     for name, value in metrics["backward"].items():
@@ -113,7 +113,7 @@ def test_both_stages_lower_the_loss_and_raise_recall(tiny_shapes, tiny_pretraine
     # `cirlab eval --model` of both exports on val prints the forward and backward rows
     for model in (stage1, tmp_path / "combiner" / "model"):
         metrics = _eval(model, tiny_shapes, "val", tmp_path / f"eval-{model.parent.name}")
-        assert set(metrics) == {"forward", "backward"} and {"R@1", "R@5", "Rs@1", "Avg"} <= set(metrics["backward"])
+        assert set(metrics) == {"forward", "backward", "backward image-only"} and {"R@1", "R@5", "Rs@1", "Avg"} <= set(metrics["backward"])
 
 
 def test_combiner_stage_learns_to_compose():

@@ -105,9 +105,12 @@ def test_filter_then_reranker_on_tiny_shapes(tiny_shapes, tiny_pretrained_blip, 
         assert torch.allclose(topk.scores[i], sim[i][topk.indices[i].long()], atol=1e-5)
         assert torch.all(topk.scores[i][:-1] >= topk.scores[i][1:])
 
-    # stage II: in-batch pair loss falls; the filter stays frozen
+    # stage II, the official recipe: in-batch pair loss falls; the filter stays frozen
     losses, _ = _train("shapes_reranker.yaml", [*common, f"model.backbone={filter_model}",
                                                 f"method.reranker_init={tiny_pretrained_blip}",
+                                                "method.loss=in_batch", "method.residual=false",
+                                                "trainer.eval_at_start=false",
+                                                "trainer.schedule={name: cosine_epoch, min_lr: 0}",
                                                 "trainer.epochs=2", "trainer.batch_size=8", "trainer.max_steps=90",
                                                 "method.eval_queries=16",
                                                 "trainer.optimizer.lr=3e-3"], tmp_path / "reranker")

@@ -90,10 +90,13 @@ def test_training_losses_score_query_i_against_target_j_with_the_target_as_label
     query i's candidates and the label is the target's position. A transposed layout differs."""
     cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml",
                       [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}", "method.reranker_init=null",
-                       "method.loss=mixed", "method.train_k=4"])
+                       "method.loss=mixed", "method.train_k=4", "method.residual=false"])
     stage = rerank.build(cfg)
     model = stage.model.eval()
-    batch = torch.utils.data.default_collate([stage.train_data[i] for i in (0, 7, 13)])
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.reranker.cls_head[-1].weight, std=1.0)  # scores far apart: layouts differ
+    assert len(stage.train_data) >= 3
+    batch = torch.utils.data.default_collate([stage.train_data[i] for i in (0, len(stage.train_data) // 2, -1)])
     with torch.no_grad():
         out = model.training_step(batch)
         model.eval()  # training_step puts the filter in its configured mode; the re-ranker stays in eval
