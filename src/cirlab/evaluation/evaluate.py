@@ -232,14 +232,13 @@ def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rer
     rows: Rows = {composer.name: (split, sim, None)}
     if composer.bidirectional and split.dataset == "shapes" and split.has_targets:
         back = reversed_split(split)
-        back_sim = similarity(composer, back, split_features(composer, back, batch_size=batch_size,
-                                                             extra_fields=extra_fields),
-                              forward=False, batch_size=batch_size)
-        rows["backward"] = (back, back_sim, None)
+        back_feats = split_features(composer, back, batch_size=batch_size, extra_fields=extra_fields)
+        rows["backward"] = (back, similarity(composer, back, back_feats, forward=False, batch_size=batch_size), None)
         # the level to beat: the target image alone, no text (shapes scenes are one edit apart)
         image_only = ZeroShotComposer(composer.backbone, composer.recipe, mode="image")
-        rows["backward image-only"] = (back, similarity(image_only, back, split_features(
-            image_only, back, batch_size=batch_size, extra_fields=extra_fields), batch_size=batch_size), None)
+        if (image_only.reference_field, image_only.gallery_field) != (composer.reference_field, composer.gallery_field):
+            back_feats = split_features(image_only, back, batch_size=batch_size, extra_fields=extra_fields)
+        rows["backward image-only"] = (back, similarity(image_only, back, back_feats, batch_size=batch_size), None)
     return rows
 
 
