@@ -86,3 +86,18 @@ def cirr_test1(tmp_path_factory):
         (root / "cirr" / sub).mkdir(parents=True, exist_ok=True)
         (root / "cirr" / sub / f"{name}.rc2.test1.json").write_text(json.dumps(obj))
     return root, queries
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_shapes, tiny_pretrained_blip, tmp_path_factory):
+    """``(model folder, index folder)``: a zero-shot composer over the tiny shapes test gallery,
+    indexed with ``cirlab index build`` (exact faiss)."""
+    from cirlab.cli import main
+    from cirlab.composers import QueryRecipe, ZeroShotComposer
+    from cirlab.models import load_backbone
+
+    tmp = tmp_path_factory.mktemp("tiny-index")
+    model = ZeroShotComposer(load_backbone(tiny_pretrained_blip), QueryRecipe(), "sum").save(tmp / "model")
+    assert main(["index", "build", "--model", str(model), "--dataset", "shapes", "--root", str(tiny_shapes),
+                 "--split", "test", "--out", str(tmp / "index")]) == 0
+    return model, tmp / "index"

@@ -126,6 +126,23 @@ class ExperimentConfig(Strict):
         return self
 
 
+class ServeConfig(Strict):
+    """Bounds and batching of ``cirlab serve`` (configs/serve/default.yaml)."""
+
+    max_upload_bytes: int = Field(10 * 2**20, ge=1, description="request bodies above this are refused (413) "
+                                  "before they are read")
+    max_pixels: int = Field(40_000_000, ge=1, description="uploaded images with more pixels are refused (413) "
+                            "from their header, never decoded")
+    allowed_types: list[str] = ["image/png", "image/jpeg", "image/webp"]
+    allowed_formats: list[str] = ["PNG", "JPEG", "WEBP"]
+    max_text_chars: int = Field(500, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_batch: int = Field(16, ge=1, description="queries encoded together at most")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long the first query of a batch waits for others")
+    max_queue: int = Field(64, ge=1, description="queries waiting beyond this are refused (429)")
+    request_timeout_s: float = Field(30.0, gt=0, description="a query not answered by then gets 504")
+
+
 def _deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -212,3 +229,11 @@ def validate(model: type[BaseModel], data: dict, source: str) -> Any:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     data = apply_overrides(compose(path), overrides or [])
     return validate(ExperimentConfig, data, str(path))
+
+
+def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:
+    """The serve config in ``path`` (default ``configs/serve/default.yaml``) with ``overrides``."""
+    default = CONFIG_ROOT / "serve" / "default.yaml"
+    path = Path(path) if path else default
+    data = apply_overrides({} if path == default and not path.is_file() else compose(path), overrides or [])
+    return validate(ServeConfig, data, str(path))

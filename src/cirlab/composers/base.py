@@ -19,6 +19,7 @@ Folder layout::
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -184,6 +185,19 @@ class Composer(nn.Module):
         return self.backbone.encode_text(enc.input_ids, enc.attention_mask)
 
     # -- identity and folders -------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """A digest of everything that changes a vector: kind, recipe, config, the backbone's
+        fingerprint and the heads' weights. An index records it, so that it is never queried
+        with another model."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(dump_json({"kind": self.kind, "recipe": asdict(self.recipe), "config": self.config(),
+                            "backbone": self.backbone.fingerprint()}).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            if not name.startswith("backbone."):
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def config(self) -> dict[str, Any]:
         """The constructor arguments besides the backbone, recipe and heads (JSON)."""
         return {}

@@ -1,4 +1,4 @@
-"""A picture of triplets: one row per (reference image, modification text, target image)."""
+"""Pictures of triplets (one row per reference, text, target) and of search results."""
 
 from __future__ import annotations
 
@@ -65,5 +65,34 @@ def draw_triplets(rows: list[tuple[Path, str, Path]], out_png: Path, *, thumb: i
         top = y + (thumb - len(lines) * line_height) / 2
         for k, line in enumerate(lines):
             draw.text((columns[1] + PAD / 2, top + k * line_height), line, fill=INK, font=font)
+    with atomic_path(out_png) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def draw_results(reference: Path, text: str, results: list[tuple[Path, str]], out_png: Path, *,
+                 thumb: int = 128, columns: int = 5) -> None:
+    """Write a PNG: the reference and the wrapped text on the left, the ranked results in a grid
+    (``columns`` per row), each with its caption (id and score) under it."""
+    font = _font(max(10, thumb // 10))
+    line_height = int(font.size * 1.3) if hasattr(font, "size") else 14
+    cell_w, cell_h = thumb + PAD, thumb + line_height + 2 * PAD
+    rows = max(1, -(-len(results) // columns))
+    left = thumb + 2 * PAD
+    width = left + PAD + columns * cell_w + PAD
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_lines = _wrap(text, probe, font, thumb)
+    height = max(PAD + thumb + PAD + len(text_lines) * line_height + PAD, PAD + rows * cell_h)
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    sheet.paste(_thumbnail(reference, thumb), (PAD, PAD))
+    draw.rectangle((PAD - 1, PAD - 1, PAD + thumb, PAD + thumb), outline=INK)
+    for k, line in enumerate(text_lines):
+        draw.text((PAD, 2 * PAD + thumb + k * line_height), line, fill=INK, font=font)
+    for n, (path, caption) in enumerate(results):
+        x = left + PAD + (n % columns) * cell_w
+        y = PAD + (n // columns) * cell_h
+        sheet.paste(_thumbnail(path, thumb), (x, y))
+        draw.rectangle((x - 1, y - 1, x + thumb, y + thumb), outline=FRAME)
+        draw.text((x, y + thumb + PAD / 2), f"{n + 1}. {caption}"[:40], fill=INK, font=font)
     with atomic_path(out_png) as tmp:
         sheet.save(tmp, format="PNG")

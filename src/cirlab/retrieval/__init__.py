@@ -1,1 +1,1 @@
-"""Retrieval over stored image features: the feature cache (and, later, the index built on it)."""
+"""Retrieval: the feature cache, gallery indexes (faiss, Milvus) and composed search over them."""

@@ -1,0 +1,81 @@
+"""``cirlab index build|info``: encode a gallery with an exported model into a search index."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DATASETS = ["shapes", "cirr", "fashioniq", "circo"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="build or inspect a gallery index")
+    commands = p.add_subparsers(dest="index_command", required=True)
+    b = commands.add_parser("build", help="encode a gallery with a model into an index folder")
+    b.add_argument("--model", required=True, type=Path, help="an exported model folder (<run>/model)")
+    source = b.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="a folder of images (ids: paths relative to it, no suffix)")
+    source.add_argument("--dataset", choices=DATASETS, help="a benchmark split's gallery (with --root, --split)")
+    b.add_argument("--root", type=Path, help="--dataset: the dataset root")
+    b.add_argument("--split", default="test", help="--dataset: the split (default test)")
+    b.add_argument("--out", required=True, type=Path, help="the index folder (written atomically)")
+    b.add_argument("--add", action="store_true", help="add to the existing index in --out (same model) instead "
+                   "of replacing it; ids already there get their new vector")
+    b.add_argument("--backend", choices=["faiss", "milvus"], default="faiss")
+    b.add_argument("--factory", default="Flat", help="faiss index-factory string: Flat (exact, default), HNSW32, "
+                   "IVF4096,PQ32,RFlat ...")
+    b.add_argument("--params", default="", help="faiss search parameters, e.g. nprobe=32 or efSearch=128")
+    b.add_argument("--uri", help="milvus: the server, e.g. http://127.0.0.1:19530")
+    b.add_argument("--collection", default="cirlab", help="milvus: the collection name")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=build)
+    i = commands.add_parser("info", help="print an index's manifest")
+    i.add_argument("index", type=Path)
+    i.set_defaults(func=info)
+
+
+def build(args: argparse.Namespace) -> int:
+    import cirlab
+    from cirlab.retrieval.gallery import encode_split_gallery, folder_gallery, gallery_paths, model_record
+    from cirlab.retrieval.index import check_model, load_index, new_index
+
+    if args.dataset and not args.root:
+        raise ValueError("--dataset needs --root")
+    if args.backend == "milvus" and args.factory != "Flat":
+        raise ValueError("--factory is a faiss option; Milvus indexes are FLAT")
+    composer = cirlab.load(args.model, device=args.device)
+    record = model_record(composer, args.model)
+    index, main = None, int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank encodes, rank 0 writes
+    if args.add and main:
+        index = load_index(args.out)
+        check_model(index, record["fingerprint"], args.model)
+    if args.images:
+        splits = [folder_gallery(args.images)]
+    else:
+        from cirlab.data.registry import load_splits
+
+        splits = load_splits(args.dataset, args.root, args.split)
+    for split in splits:
+        paths = gallery_paths(split)
+        vectors = encode_split_gallery(composer, split, batch_size=args.batch_size)
+        if not main:
+            continue
+        if index is None:
+            index = new_index(args.backend, vectors.shape[1], model=record, factory=args.factory, params=args.params,
+                              uri=args.uri, collection=args.collection)
+        index.add(split.gallery, vectors, [paths[i] for i in split.gallery])
+        print(f"encoded {len(vectors)} images of {split.name}")
+    if main:
+        index.save(args.out)
+        print(f"index: {args.out} ({len(index)} images, {index.backend}, dim {index.dim})")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    from cirlab.retrieval.index import read_index_manifest
+    from cirlab.utils.io import dump_json
+
+    print(dump_json(read_index_manifest(args.index), indent=1))
+    return 0

@@ -1,0 +1,312 @@
+"""Gallery indexes: image ids and normalised vectors in, the top k by inner product out.
+
+One small interface (:class:`VectorIndex`: add, search, remove, save, load) and two backends:
+faiss embedded (:class:`FaissIndex`, the default) and Milvus for galleries beyond one machine
+(:mod:`cirlab.retrieval.milvus`). Composer vectors are L2-normalised, so inner product is the
+cosine that evaluation ranks by; the default faiss index is exact (``Flat``), so a served
+ranking equals ``cirlab eval``'s.
+
+Folder layout (written atomically: a reader sees the old index or the new one, never half)::
+
+    index.json     format, version, backend, dim, factory, count, the model's fingerprint
+    ids.json       row -> image id (faiss labels are row numbers; removed rows are null)
+    gallery.json   image id -> image file (absolute, or relative to the index folder)
+    index.faiss    the faiss index (faiss backend; Milvus keeps its vectors in the server)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from cirlab.utils.io import atomic_dir, dump_json, read_json
+
+FORMAT, VERSION = "cirlab-index", 1
+MANIFEST, IDS, GALLERY = "index.json", "ids.json", "gallery.json"
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+
+
+class VectorIndex(ABC):
+    """Ids + (N, dim) float32 vectors; ``search`` ranks by inner product, best first.
+
+    ``gallery`` maps each id to its image file (what the server shows and ``--grid`` draws);
+    ``model`` records the fingerprint, kind and path of the model that made the vectors."""
+
+    backend: ClassVar[str] = ""
+
+    def __init__(self, dim: int, *, model: dict[str, Any] | None = None):
+        if dim < 1:
+            raise ValueError(f"index dimension must be >= 1, got {dim}")
+        self.dim, self.model = dim, dict(model or {})
+        self.gallery: dict[str, str] = {}
+
+    # -- the interface -----------------------------------------------------------------------------
+    @abstractmethod
+    def _add(self, ids: list[str], vectors: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
+        """(Q, k) scores and ids (None where fewer than k exist)."""
+
+    @abstractmethod
+    def _remove(self, ids: list[str]) -> None: ...
+
+    @abstractmethod
+    def ids(self) -> list[str]: ...
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.gallery
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray, paths: Sequence[str | Path] | None = None) -> None:
+        """Add (or replace: an id already present gets its new vector) ``ids`` with their vectors."""
+        ids = [str(i) for i in ids]
+        vectors = self._check(vectors, len(ids), "vectors")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"index add: id {dup!r} given more than once")
+        present = [i for i in ids if i in self.gallery]
+        if present:
+            self._remove(present)
+        self._add(ids, vectors)
+        for i, p in zip(ids, paths if paths is not None else [""] * len(ids)):
+            self.gallery[i] = str(p)
+
+    def remove(self, ids: Sequence[str]) -> int:
+        """Remove ``ids``; unknown ids are an error (naming them), so a typo never passes silently."""
+        ids = list(dict.fromkeys(str(i) for i in ids))
+        unknown = [i for i in ids if i not in self.gallery]
+        if unknown:
+            raise KeyError(f"not in the index: {unknown[:5]}")
+        self._remove(ids)
+        for i in ids:
+            del self.gallery[i]
+        return len(ids)
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[str | None] | None = None) -> list[list[Hit]]:
+        """Top ``k`` hits per query row; ``exclude[i]``: an id left out of query i's list (its
+        reference image, as the CIRR protocol does)."""
+        queries = self._check(queries, None, "queries")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if exclude is not None and len(exclude) != len(queries):
+            raise ValueError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+        extra = int(exclude is not None and any(e is not None for e in exclude))
+        depth = min(k + extra, len(self))
+        if depth == 0:
+            return [[] for _ in queries]
+        scores, ids = self._search(queries, depth)
+        out = []
+        for q, (row_scores, row_ids) in enumerate(zip(scores.tolist(), ids)):
+            skip = exclude[q] if exclude is not None else None
+            hits = [Hit(i, s) for i, s in zip(row_ids, row_scores) if i is not None and i != skip]
+            out.append(hits[:k])
+        return out
+
+    def _check(self, x: np.ndarray, n: int | None, what: str) -> np.ndarray:
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{what}: expected shape (n, {self.dim}), got {tuple(x.shape)}")
+        if n is not None and len(x) != n:
+            raise ValueError(f"{what}: {len(x)} rows for {n} ids")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{what}: not finite (NaN or inf)")
+        return x
+
+    # -- folders -------------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "backend": self.backend, "dim": self.dim, "metric": "ip",
+                "count": len(self), "model": self.model, **self.backend_config()}
+
+    def backend_config(self) -> dict[str, Any]:
+        return {}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index folder atomically; files of the old folder that the index does not
+        write itself (images added through the server) are carried over."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            if path.is_dir():
+                for old in path.iterdir():
+                    if old.name not in (MANIFEST, IDS, GALLERY, *self.files()):
+                        (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
+            self._write(tmp)
+            (tmp / GALLERY).write_text(dump_json(self.gallery) + "\n")
+            (tmp / MANIFEST).write_text(dump_json(self.manifest(), indent=1) + "\n")  # last: marks it complete
+        return path
+
+    def files(self) -> tuple[str, ...]:
+        """The backend's own files in the folder."""
+        return ()
+
+    @abstractmethod
+    def _write(self, folder: Path) -> None: ...
+
+    def image_path(self, image_id: str, folder: Path) -> Path:
+        """The file of a gallery image (relative paths are relative to the index folder)."""
+        p = Path(self.gallery[image_id])
+        return p if p.is_absolute() else folder / p
+
+
+class FaissIndex(VectorIndex):
+    """faiss, embedded. ``factory`` is a faiss index-factory string: ``Flat`` (exact, the default),
+    ``HNSW32``, ``IVF4096,PQ32,RFlat`` (IVF-PQ with an exact refine step)...; ``params`` are
+    search-time parameters in faiss's ParameterSpace syntax (``nprobe=32``, ``efSearch=128``)."""
+
+    backend = "faiss"
+
+    def __init__(self, dim: int, factory: str = "Flat", params: str = "", *, model: dict[str, Any] | None = None,
+                 index: Any = None, rows: list[str | None] | None = None):
+        super().__init__(dim, model=model)
+        import faiss
+
+        self.factory, self.params = factory, params
+        if index is None:
+            try:
+                index = faiss.index_factory(dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+            except RuntimeError as e:
+                raise ValueError(f"faiss factory {factory!r}: {str(e).splitlines()[-1]}") from None
+        self.index = index
+        self.rows: list[str | None] = rows or []  # faiss label -> id
+        self.label = {i: n for n, i in enumerate(self.rows) if i is not None}
+        if params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(self.index, params)
+            except RuntimeError as e:
+                raise ValueError(f"faiss search parameters {params!r}: {str(e).splitlines()[-1]}") from None
+
+    def ids(self) -> list[str]:
+        return [i for i in self.rows if i is not None]
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    def _add(self, ids: list[str], vectors: np.ndarray) -> None:
+        if not self.index.is_trained:
+            try:
+                self.index.train(vectors)
+            except RuntimeError as e:
+                raise ValueError(f"faiss {self.factory!r} could not be trained on {len(vectors)} vectors: "
+                                 f"{str(e).splitlines()[-1]}") from None
+        labels = np.arange(len(self.rows), len(self.rows) + len(ids), dtype=np.int64)
+        self.index.add_with_ids(vectors, labels)
+        self.rows.extend(ids)
+        self.label.update({i: int(n) for i, n in zip(ids, labels)})
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
+        scores, labels = self.index.search(queries, k)
+        return scores, [[self.rows[n] if n >= 0 else None for n in row] for row in labels.tolist()]
+
+    def _remove(self, ids: list[str]) -> None:
+        labels = np.array([self.label[i] for i in ids], dtype=np.int64)
+        try:
+            self.index.remove_ids(labels)
+        except RuntimeError:
+            raise ValueError(f"faiss {self.factory!r} indexes cannot remove vectors; rebuild the index "
+                             f"(or use Flat or IVF)") from None
+        for i in ids:
+            self.rows[self.label.pop(i)] = None
+
+    def backend_config(self) -> dict[str, Any]:
+        return {"factory": self.factory, "params": self.params}
+
+    def files(self) -> tuple[str, ...]:
+        return ("index.faiss",)
+
+    def _write(self, folder: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(folder / "index.faiss"))
+        (folder / IDS).write_text(dump_json(self.rows) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path, manifest: dict[str, Any], *, mmap: bool = False) -> FaissIndex:
+        import faiss
+
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        file = folder / "index.faiss"
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder}: no index.faiss")
+        index = faiss.read_index(str(file), flags)
+        rows = read_json(folder / IDS, "index ids")
+        if index.ntotal != sum(r is not None for r in rows) or index.d != manifest["dim"]:
+            raise ValueError(f"{folder}: index.faiss holds {index.ntotal} vectors of dim {index.d}, "
+                             f"{IDS} and {MANIFEST} say {sum(r is not None for r in rows)} of dim {manifest['dim']}")
+        return cls(manifest["dim"], manifest.get("factory", "Flat"), manifest.get("params", ""),
+                   model=manifest.get("model"), index=index, rows=rows)
+
+
+BACKENDS = ("faiss", "milvus")
+
+
+def new_index(backend: str, dim: int, *, model: dict[str, Any] | None = None, factory: str = "Flat",
+              params: str = "", uri: str | None = None, collection: str | None = None) -> VectorIndex:
+    """An empty index of ``backend`` (Milvus needs ``uri``; its collection defaults to ``cirlab``)."""
+    if backend == "faiss":
+        return FaissIndex(dim, factory, params, model=model)
+    if backend == "milvus":
+        from cirlab.retrieval.milvus import MilvusIndex
+
+        if not uri:
+            raise ValueError("the milvus backend needs a server uri (--uri http://host:19530)")
+        return MilvusIndex(dim, uri=uri, collection=collection or "cirlab", model=model, create=True)
+    raise ValueError(f"unknown index backend {backend!r}; expected one of {list(BACKENDS)}")
+
+
+def read_index_manifest(path: str | Path) -> dict[str, Any]:
+    """The checked ``index.json`` of an index folder; errors name the file and field."""
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a cirlab index folder: no {MANIFEST}")
+    manifest = read_json(file, "index manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a cirlab index manifest (format {FORMAT!r} expected)")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{file}: unsupported version {manifest.get('version')!r} (this cirlab reads {VERSION})")
+    if manifest.get("backend") not in BACKENDS:
+        raise ValueError(f"{file}: field 'backend' is {manifest.get('backend')!r}, expected one of {list(BACKENDS)}")
+    if not isinstance(manifest.get("dim"), int):
+        raise ValueError(f"{file}: field 'dim' is missing or not an integer")
+    return manifest
+
+
+def load_index(path: str | Path, *, mmap: bool = False) -> VectorIndex:
+    """The index saved in ``path``; ``mmap=True`` maps a faiss index read-only instead of reading it
+    (what the server does: start-up is instant and pages are shared between worker processes)."""
+    path = Path(path)
+    manifest = read_index_manifest(path)
+    if manifest["backend"] == "faiss":
+        index: VectorIndex = FaissIndex.read(path, manifest, mmap=mmap)
+    else:
+        from cirlab.retrieval.milvus import MilvusIndex
+
+        index = MilvusIndex.read(path, manifest)
+    gallery = read_json(path / GALLERY, "index gallery")
+    if not isinstance(gallery, dict) or set(gallery) != set(index.ids()):
+        raise ValueError(f"{path / GALLERY}: its ids differ from the index's ({len(gallery)} vs {len(index)})")
+    index.gallery = gallery
+    return index
+
+
+def check_model(index: VectorIndex, fingerprint: str, where: str | os.PathLike) -> None:
+    """Refuse a model other than the one whose vectors the index holds: its queries would live in
+    another space and every ranking would be silently wrong."""
+    expected = index.model.get("fingerprint")
+    if expected != fingerprint:
+        raise ValueError(f"{where}: the index was built with model {index.model.get('path', '?')} (fingerprint "
+                         f"{expected}), not with this model (fingerprint {fingerprint}); rebuild it with "
+                         f"`cirlab index build` or query it with its own model")
