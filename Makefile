@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cirlab-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 install: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(VENV)/bin/cirlab demo --out $(DEMO_DIR)
 
-test: $(STAMP)
-	$(PY) -m pytest -q tests
+# chromium for tests/test_browser.py (Debian's package; sudo only when not root)
+browser:
+	@command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser
+	CIRLAB_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV)

@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "of replacing it; ids already there get their new vector")
     b.add_argument("--backend", choices=["faiss", "milvus"], default="faiss")
     b.add_argument("--factory", default="Flat", help="faiss index-factory string: Flat (exact, default), HNSW32, "
-                   "IVF4096,PQ32,RFlat ...")
-    b.add_argument("--params", default="", help="faiss search parameters, e.g. nprobe=32 or efSearch=128")
+                   "IVF4096,PQ32np,RFlat ... (see docs/serving.md)")
+    b.add_argument("--params", default="", help="faiss search parameters, e.g. nprobe=32,k_factor_rf=4 or efSearch=128")
     b.add_argument("--uri", help="milvus: the server, e.g. http://127.0.0.1:19530")
     b.add_argument("--collection", default="cirlab", help="milvus: the collection name")
     b.add_argument("--batch-size", type=int, default=64)

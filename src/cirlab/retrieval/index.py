@@ -75,8 +75,9 @@ class VectorIndex(ABC):
         """Add (or replace: an id already present gets its new vector) ``ids`` with their vectors."""
         ids = [str(i) for i in ids]
         vectors = self._check(vectors, len(ids), "vectors")
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
+        seen: set[str] = set()
+        dup = next((i for i in ids if i in seen or seen.add(i)), None)
+        if dup is not None:
             raise ValueError(f"index add: id {dup!r} given more than once")
         present = [i for i in ids if i in self.gallery]
         if present:
@@ -163,8 +164,11 @@ class VectorIndex(ABC):
 
 class FaissIndex(VectorIndex):
     """faiss, embedded. ``factory`` is a faiss index-factory string: ``Flat`` (exact, the default),
-    ``HNSW32``, ``IVF4096,PQ32,RFlat`` (IVF-PQ with an exact refine step)...; ``params`` are
-    search-time parameters in faiss's ParameterSpace syntax (``nprobe=32``, ``efSearch=128``)."""
+    ``HNSW32``, ``IVF4096,PQ32np,RFlat`` (IVF-PQ with an exact refine step; ``np``: no polysemous
+    training, which costs ~40x the training time for a search mode cirlab does not use)...;
+    ``params`` are search-time parameters in faiss's ParameterSpace syntax: ``nprobe=32``,
+    ``efSearch=128``, and for a refine step ``k_factor_rf=4`` (re-score 4k candidates exactly;
+    faiss's default re-scores only the k it returns, which gains nothing)."""
 
     backend = "faiss"
 
@@ -215,8 +219,8 @@ class FaissIndex(VectorIndex):
         try:
             self.index.remove_ids(labels)
         except RuntimeError:
-            raise ValueError(f"faiss {self.factory!r} indexes cannot remove vectors; rebuild the index "
-                             f"(or use Flat or IVF)") from None
+            raise ValueError(f"faiss {self.factory!r} indexes cannot remove or replace vectors; rebuild the "
+                             f"index (Flat and IVF without a refine step can)") from None
         for i in ids:
             self.rows[self.label.pop(i)] = None
 

@@ -3,7 +3,8 @@
 It talks to the server through ``pymilvus.MilvusClient``, so the same code serves a Milvus
 cluster (``http://host:19530``) and a local ``milvus-lite server`` (what the tests start on
 loopback). The collection holds ``id`` (VARCHAR primary key) and ``vector`` (FLOAT_VECTOR,
-inner product, ``FLAT`` by default: exact, as faiss ``Flat``). The index folder keeps only the
+inner product, ``FLAT`` by default: exact, as faiss ``Flat``), with strong consistency, so that
+a search sees every insert before it. The index folder keeps only the
 manifest (uri, collection), the id list and the gallery paths.
 """
 
@@ -19,6 +20,7 @@ from cirlab.utils.io import dump_json, read_json
 
 MAX_ID_LENGTH = 1024
 INSERT_BATCH = 2048
+TIMEOUT_S = 60.0  # every call: a hung server fails the caller instead of hanging it
 
 
 class MilvusIndex(VectorIndex):
@@ -36,17 +38,18 @@ class MilvusIndex(VectorIndex):
             raise ConnectionError(f"cannot reach Milvus at {uri}: {e}") from None
         self._ids: dict[str, None] = dict.fromkeys(rows or [])
         if create:
-            if self.client.has_collection(collection):
-                self.client.drop_collection(collection)
+            if self.client.has_collection(collection, timeout=TIMEOUT_S):
+                self.client.drop_collection(collection, timeout=TIMEOUT_S)
             schema = self.client.create_schema(auto_id=False)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             params = self.client.prepare_index_params()
             params.add_index(field_name="vector", index_type=index_type, metric_type="IP")
-            self.client.create_collection(collection, schema=schema, index_params=params)
-        elif not self.client.has_collection(collection):
+            self.client.create_collection(collection, schema=schema, index_params=params,
+                                          consistency_level="Strong", timeout=TIMEOUT_S)
+        elif not self.client.has_collection(collection, timeout=TIMEOUT_S):
             raise ValueError(f"Milvus at {uri} has no collection {collection!r}; rebuild the index")
-        self.client.load_collection(collection)
+        self.client.load_collection(collection, timeout=TIMEOUT_S)
 
     def ids(self) -> list[str]:
         return list(self._ids)
@@ -60,12 +63,13 @@ class MilvusIndex(VectorIndex):
             raise ValueError(f"Milvus ids are at most {MAX_ID_LENGTH} bytes: {long[0][:80]!r}...")
         for s in range(0, len(ids), INSERT_BATCH):
             rows = [{"id": i, "vector": v} for i, v in zip(ids[s:s + INSERT_BATCH], vectors[s:s + INSERT_BATCH].tolist())]
-            self.client.insert(self.collection, rows)
+            self.client.insert(self.collection, rows, timeout=TIMEOUT_S)
         self._ids.update(dict.fromkeys(ids))
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str | None]]]:
         results = self.client.search(self.collection, data=queries.tolist(), limit=k, anns_field="vector",
-                                     output_fields=["id"], search_params={"metric_type": "IP"})
+                                     output_fields=["id"], search_params={"metric_type": "IP"},
+                                     consistency_level="Strong", timeout=TIMEOUT_S)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids: list[list[str | None]] = []
         for q, hits in enumerate(results):
@@ -76,7 +80,7 @@ class MilvusIndex(VectorIndex):
         return scores, ids
 
     def _remove(self, ids: list[str]) -> None:
-        self.client.delete(self.collection, ids=ids)
+        self.client.delete(self.collection, ids=ids, timeout=TIMEOUT_S)
         for i in ids:
             self._ids.pop(i, None)
 
@@ -94,7 +98,7 @@ class MilvusIndex(VectorIndex):
         rows = read_json(folder / IDS, "index ids")
         index = cls(manifest["dim"], uri=manifest["uri"], collection=manifest["collection"],
                     index_type=manifest.get("index_type", "FLAT"), model=manifest.get("model"), rows=rows)
-        stats = index.client.get_collection_stats(index.collection)
+        stats = index.client.get_collection_stats(index.collection, timeout=TIMEOUT_S)
         if int(stats.get("row_count", len(rows))) != len(rows):
             raise ValueError(f"{folder}: Milvus collection {index.collection!r} holds {stats['row_count']} vectors, "
                              f"{IDS} lists {len(rows)}; rebuild the index")

@@ -81,6 +81,8 @@ def decode_upload(data: bytes, content_type: str | None, cfg: ServeConfig) -> Im
         raise HTTPException(415, f"image type {content_type!r} not accepted; send one of {cfg.allowed_types}")
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # Pillow's own check of the header, at twice max_pixels
+        raise HTTPException(413, f"image refused unread: {e}") from None
     except (UnidentifiedImageError, OSError):
         raise HTTPException(415, "the upload is not a readable image") from None
     if image.format not in cfg.allowed_formats:
