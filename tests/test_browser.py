@@ -8,10 +8,6 @@ Drives Debian's chromium (``/usr/bin/chromium``) through Playwright against the 
 import os
 import re
 import shutil
-import socket
-import threading
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -39,38 +35,14 @@ def chromium() -> Path:
 @pytest.fixture
 def server(tiny_index):
     """Base URL of the real app served by uvicorn on a free 127.0.0.1 port; stopped afterwards."""
-    import uvicorn
-
     from cirlab.config import ServeConfig
     from cirlab.retrieval.search import Searcher
     from cirlab.serving.app import create_app
+    from cirlab.serving.server import serve_in_thread
 
     searcher = Searcher.open(tiny_index[1])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # the port stays ours: uvicorn serves on this very socket
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(searcher, ServeConfig()), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            srv.should_exit = True
-            pytest.fail("the server did not answer /healthz within 30 s")
-        time.sleep(0.1)
-    try:
+    with serve_in_thread(create_app(searcher, ServeConfig())) as base:
         yield base, searcher
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def test_page_search_refine_and_error(chromium, server):

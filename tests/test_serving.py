@@ -323,3 +323,88 @@ def test_index_changes_need_the_api_key_and_persist(tiny_index, tmp_path):
         assert client.delete(f"/index/images/{victim}", headers={"X-API-Key": "s3cret"}).status_code == 200
     again = load_index(folder)
     assert "new/one" in again and victim not in again and len(again) == len(load_index(index_dir))
+
+
+def test_a_reranking_model_reranks_the_index_top_k_as_evaluation_does(tiny_shapes, tiny_pretrained_blip, tmp_path):
+    import torch
+
+    from cirlab.composers import RerankComposer
+    from cirlab.evaluation.evaluate import rerank_rows
+    from cirlab.models.dual_encoder import DualEncoderReranker
+
+    torch.manual_seed(0)
+    blip = load_backbone(tiny_pretrained_blip)
+    reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id)
+    model = RerankComposer(blip, QueryRecipe(), reranker, k=5).save(tmp_path / "model")
+    assert main(["index", "build", "--model", str(model), "--dataset", "shapes", "--root", str(tiny_shapes),
+                 "--split", "test", "--out", str(tmp_path / "ix")]) == 0
+    searcher = Searcher.open(tmp_path / "ix")
+    split = load_split("shapes", tiny_shapes, "test")
+    split.queries = split.queries[:8]
+    feats = split_features(searcher.composer, split)
+    sim = similarity(searcher.composer, split, feats)
+    reranked, _ = rerank_rows(searcher.composer, split, feats, sim, [5])["rerank@5"]
+    column = {image: j for j, image in enumerate(split.gallery)}
+    with served(searcher) as client:
+        assert client.get("/healthz").json()["rerank"] is True
+        for n, q in enumerate(split.queries):
+            data = {"id": q.reference, "text": default_text(q, False), "k": 8}
+            plain = [h["id"] for h in client.post("/search", data=data).json()["results"]]
+            got = [h["id"] for h in client.post("/search", data={**data, "rerank": 5}).json()["results"]]
+            assert sorted(got[:5]) == sorted(plain[:5]) and got[5:] == plain[5:]  # only the top 5 move
+            want = torch.argsort(reranked[n], descending=True)[:8].tolist()
+            for a, b in zip(got, [split.gallery[j] for j in want]):  # cached tokens are float16: near-ties may swap
+                assert a == b or abs(reranked[n, column[a]] - reranked[n, column[b]]) < 1e-3, (got, want)
+
+
+def test_a_bounded_load_test_over_loopback_gets_only_answers(searcher):
+    from cirlab.serving.load import load_test
+    from cirlab.serving.server import serve_in_thread
+
+    forms = [{"id": i, "text": "make it red", "k": 10} for i in searcher.index.ids()[:8]]
+    app = create_app(searcher, ServeConfig(batch_wait_ms=20))
+    with serve_in_thread(app) as base:
+        result = load_test(base, forms, concurrency=4, max_requests=24, max_seconds=60)
+    assert result["requests"] == 24 and result["errors"] == 0 and result["ok"] == 24
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["throughput"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_shards_the_encoding_into_the_same_index(tiny_index, tiny_shapes, tmp_path):
+    model, index_dir = tiny_index
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cirlab", "index", "build", "--model", str(model), "--dataset", "shapes", "--root", str(tiny_shapes),
+           "--split", "test", "--out", str(tmp_path / "sharded")]
+    subprocess.run(cmd, check=True, timeout=120, capture_output=True)
+    one, two = load_index(index_dir), load_index(tmp_path / "sharded")
+    assert one.ids() == two.ids() and one.gallery == two.gallery
+    rows = np.arange(len(one.ids()))
+    np.testing.assert_allclose(one.index.reconstruct_batch(rows), two.index.reconstruct_batch(rows), atol=1e-6)
+
+
+def test_folder_galleries_grow_with_add_and_search_draws_a_grid(tiny_index, tmp_path, capsys):
+    import json
+
+    model, index_dir = tiny_index
+    searcher = Searcher.open(index_dir)
+    for n, image_id in enumerate(searcher.index.ids()[:6]):
+        dest = tmp_path / ("first" if n < 4 else "second") / ("shoes" if n % 2 else "") / f"{image_id}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(searcher.image_path(image_id), dest)
+    out = tmp_path / "ix"
+    assert main(["index", "build", "--model", str(model), "--images", str(tmp_path / "first"), "--out", str(out)]) == 0
+    assert sorted(load_index(out).ids()) == sorted(["shoes/" + i if n % 2 else i
+                                                    for n, i in enumerate(searcher.index.ids()[:4])])
+    assert main(["index", "build", "--model", str(model), "--images", str(tmp_path / "second"), "--out", str(out),
+                 "--add"]) == 0
+    assert len(load_index(out)) == 6
+    other = ZeroShotComposer(searcher.composer.backbone, QueryRecipe(), "text").save(tmp_path / "other")
+    assert main(["index", "build", "--model", str(other), "--images", str(tmp_path / "second"), "--out", str(out),
+                 "--add"]) == 2
+    assert "fingerprint" in capsys.readouterr().err and len(load_index(out)) == 6  # refused, nothing lost
+    first = load_index(out).ids()[0]
+    assert main(["search", "--index", str(out), "--id", first, "--text", "make it red", "-k", "3", "--json",
+                 "--grid", str(tmp_path / "grid.png")]) == 0
+    hits = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert len(hits) == 3 and first not in [h["id"] for h in hits]
+    assert Image.open(tmp_path / "grid.png").size[0] > 3 * 128
