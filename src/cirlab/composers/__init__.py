@@ -6,8 +6,9 @@ from .base import (BACKWARD, FORWARD, REGISTRY, Composer, QueryRecipe, load, rea
                    with_direction)
 from .fusion import CombinerComposer, SumComposer
 from .grounded import GroundedComposer, RerankComposer
+from .projection import ProjectionComposer
 from .zeroshot import MODES, ZeroShotComposer
 
 __all__ = ["BACKWARD", "FORWARD", "MODES", "REGISTRY", "CombinerComposer", "Composer", "GroundedComposer",
-           "QueryRecipe", "RerankComposer", "SumComposer", "ZeroShotComposer", "load", "read_manifest",
+           "ProjectionComposer", "QueryRecipe", "RerankComposer", "SumComposer", "ZeroShotComposer", "load", "read_manifest",
            "register", "with_direction"]
