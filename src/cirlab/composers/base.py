@@ -64,12 +64,15 @@ class QueryRecipe:
     ``backward_text`` says what a backward query's text is ("forward": the forward text with
     ``[BACKWARD]``; "reversed": the shapes generator's exact reversed text, marked forward);
     ``backward_target`` how a backward query's image enters the sum, as stage I trained it
-    ("normalized": normalize(T) + t, the official reversed query; "raw": T + t)."""
+    ("normalized": normalize(T) + t, the official reversed query; "raw": T + t);
+    ``caption_orders`` how FashionIQ's two captions are queried: "one" (the supervised repos'
+    "C1 and c2") or "both" (the zero-shot repos: the mean of "c1 and c2" and "c2 and c1")."""
 
     prompt: str = "{text}"
     direction: Literal["tokens", "compat", "none"] = "none"
     backward_text: Literal["forward", "reversed"] = "forward"
     backward_target: Literal["normalized", "raw"] = "normalized"
+    caption_orders: Literal["one", "both"] = "one"
     max_text_length: int = 77
     transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
     target_ratio: float = 1.25
@@ -190,7 +193,9 @@ class Composer(nn.Module):
         fingerprint and the heads' weights. An index records it, so that it is never queried
         with another model."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(dump_json({"kind": self.kind, "recipe": asdict(self.recipe), "config": self.config(),
+        # recipe fields at their defaults are left out, so a field added later keeps old fingerprints
+        recipe = {k: v for k, v in asdict(self.recipe).items() if v != getattr(QueryRecipe, k)}
+        h.update(dump_json({"kind": self.kind, "recipe": recipe, "config": self.config(),
                             "backbone": self.backbone.fingerprint()}).encode())
         for name, tensor in sorted(self.state_dict().items()):
             if not name.startswith("backbone."):

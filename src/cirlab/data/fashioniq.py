@@ -118,6 +118,13 @@ def fiq_train_caption(captions: Sequence[str], rng: random.Random | None = None,
     return d
 
 
+def fiq_both_orders(captions: Sequence[str]) -> tuple[str, str]:
+    """The zero-shot repos' two validation texts, "c1 and c2" and "c2 and c1" (miccunifi/SEARLE,
+    navervision/lincir, jaeseokbyun/RTD); the query is the mean of their normalised features."""
+    c1, c2 = _two(captions)
+    return f"{c1} and {c2}", f"{c2} and {c1}"
+
+
 def fiq_val_caption(captions: Sequence[str], capitalize: bool = True) -> str:
     """The supervised repos' one deterministic validation order, "C1 and c2" (ABaldrati/CLIP4Cir,
     Cuberick-Orion/Bi-Blip4CIR, Cuberick-Orion/Candidate-Reranking-CIR).

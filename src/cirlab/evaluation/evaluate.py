@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from cirlab.composers import Composer, RerankComposer, ZeroShotComposer
 from cirlab.data.base import CIRSplit, Query
+from cirlab.data.fashioniq import fiq_both_orders
 from cirlab.data.torch_data import default_text
 from cirlab.evaluation.protocols import (category_of, combine_splits, evaluate_similarity, index_split, protocol_for,
                                          recall_at_depths)
@@ -126,7 +128,12 @@ def query_vectors(composer: Composer, split: CIRSplit, feats: FeatureSet, *, for
         chunk = split.queries[s:s + batch_size]
         texts, direction = query_texts(composer, chunk, forward)
         refs = _rows(feats, composer.reference_field, [q.reference for q in chunk])
-        out.append(composer.encode_queries(refs, texts, forward=direction))
+        if composer.recipe.caption_orders == "both" and all(len(q.captions) == 2 for q in chunk):
+            first, second = zip(*(fiq_both_orders(q.captions) for q in chunk))
+            both = composer.encode_queries(refs, list(first)) + composer.encode_queries(refs, list(second))
+            out.append(F.normalize(both, dim=-1))  # normalize((f1 + f2) / 2) of the normalised f1, f2
+        else:
+            out.append(composer.encode_queries(refs, texts, forward=direction))
     return torch.cat(out)
 
 

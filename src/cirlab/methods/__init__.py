@@ -15,6 +15,7 @@ from typing import Any
 METHODS = {
     "bidirectional": "cirlab.methods.bidirectional",
     "pretrain": "cirlab.methods.pretrain",
+    "projection": "cirlab.methods.projection",
     "rerank": "cirlab.methods.rerank",
     "zeroshot": "cirlab.methods.zeroshot",
 }

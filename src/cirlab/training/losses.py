@@ -66,3 +66,16 @@ def reversed_sum_logits(
     # sqrt(max(x, eps^2)) == max(sqrt(x), eps), and its gradient stays finite where clamped.
     norm = sq_norm.clamp_min(eps**2).sqrt() * refs.norm(dim=-1, keepdim=True).clamp_min(eps)
     return scale * dot / norm
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+    """SimCLR's NT-Xent over the joint set of 2N vectors ``cat(a, b)``, the positive of ``a[k]``
+    being ``b[k]`` and back; every other vector of the set is a negative (a-a and b-b pairs too).
+    RTD's ``contrastive_loss`` (jaeseokbyun/RTD ``utils.py``), written with logsumexp:
+    ``mean_i -log(exp(s_i,pos / tau) / sum_{j != i} exp(s_ij / tau))``, cosine s, no learnable scale.
+    In-batch and per process, as the official code (no gather)."""
+    z = F.normalize(torch.cat([a, b]), dim=-1)
+    n = a.shape[0]
+    logits = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, positives)
