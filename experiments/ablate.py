@@ -2,6 +2,7 @@
 
     python experiments/ablate.py bidirectional --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
     python experiments/ablate.py rerank --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
+    python experiments/ablate.py rtd --data runs/demo/shapes --backbone runs/demo/pretrain-clip/backbone
     python experiments/ablate.py report docs/ablations/rerank.json --plot docs/ablations/rerank.png
 
 Every run is an ordinary ``cirlab train`` run folder (its exported ``<run>/model``) or a
@@ -26,7 +27,7 @@ from cirlab.config import CONFIG_ROOT
 from cirlab.training.run import RunDir
 from cirlab.utils.io import atomic_write_json, read_json
 
-BI, RR = CONFIG_ROOT / "bidirectional", CONFIG_ROOT / "rerank"
+BI, RR, PJ = CONFIG_ROOT / "bidirectional", CONFIG_ROOT / "rerank", CONFIG_ROOT / "projection"
 
 # Stage-I variants: name -> overrides. "forward" is the w = 0 baseline (the paper's BLIP4CIR+Sum).
 BI_STAGE1 = {
@@ -56,6 +57,19 @@ RERANKERS = {
     "filter init, topk": ["method.residual=false"],
     "filter init, mixed, residual": ["method.loss=mixed"],
     "filter init, in_batch, residual": ["method.loss=in_batch"],
+}
+
+# Projection bases (Phi trained here) and RTD variants over them: name -> (base, overrides).
+BASES = {"lincir": PJ / "shapes_lincir.yaml", "pic2word": PJ / "shapes_pic2word.yaml"}
+RTD = {
+    "lincir + rtd": ("lincir", []),
+    "pic2word + rtd": ("pic2word", []),
+    "lincir + rtd, no anchor": ("lincir", ["method.anchor=false"]),
+    "lincir + rtd, no refined sampling": ("lincir", ["method.refined_sampling=false"]),
+    "lincir + rtd, s=0": ("lincir", ["method.noise=0"]),
+    "lincir + rtd, s=0.25": ("lincir", ["method.noise=0.25"]),
+    "lincir + rtd, s=1": ("lincir", ["method.noise=1"]),
+    "lincir + rtd, rule triplets": ("lincir", ["method.triplets=rules"]),
 }
 
 
@@ -177,6 +191,34 @@ def rerank(args: argparse.Namespace) -> Table:
     return table
 
 
+def rtd(args: argparse.Namespace) -> Table:
+    table = Table()
+    zs = run_eval(args.out / "eval-zeroshot", ["--config", str(CONFIG_ROOT / "eval" / "shapes_zeroshot_clip.yaml"),
+                                               "--set", f"data.root={args.data}", "--set",
+                                               f"model.backbone={args.backbone}"])
+    for seed in args.seeds:
+        for mode in ("image", "text", "sum"):
+            table.add(f"zero-shot {mode}", zs[mode])
+        bases = {}
+        wanted = args.variants or [*BASES, *RTD]
+        for name in dict.fromkeys([RTD[v][0] if v in RTD else v for v in wanted]):
+            run = args.out / f"phi-{name}-s{seed}"
+            bases[name] = run_train(BASES[name], run, [f"data.root={args.data}", f"model.backbone={args.backbone}",
+                                                       f"seed={seed}", *args.stage1_set])
+            m = eval_model(bases[name], args.out / f"eval-phi-{name}-s{seed}", args.data)
+            table.add(name, next(iter(m.values())), run, "R@1")
+        for name in wanted:
+            if name not in RTD:
+                continue
+            base, sets = RTD[name]
+            run = args.out / f"rtd-{tag(name)}-s{seed}"
+            model = run_train(PJ / "shapes_rtd.yaml", run, [f"data.root={args.data}", f"model.backbone={bases[base]}",
+                                                             f"seed={seed}", *sets, *args.stage2_set])
+            m = eval_model(model, args.out / f"eval-rtd-{tag(name)}-s{seed}", args.data)
+            table.add(name, next(iter(m.values())), run, "R@1")
+    return table
+
+
 def report(path: Path, plot: Path | None, columns: list[str]) -> str:
     """The markdown table of a docs/ablations file (and its plot: R@1 per row, validation curves)."""
     data = read_json(path, "ablation")
@@ -219,11 +261,11 @@ def _plot(data: dict, path: Path) -> None:
 
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["bidirectional", "rerank", "report"])
+    p.add_argument("method", choices=["bidirectional", "rerank", "rtd", "report"])
     p.add_argument("path", nargs="?", type=Path, help="report: the docs/ablations JSON file")
     p.add_argument("--plot", type=Path, help="report: draw the plot here")
     p.add_argument("--data", type=Path, help="shapes root")
-    p.add_argument("--backbone", type=Path, help="the pretrained small BLIP folder")
+    p.add_argument("--backbone", type=Path, help="the pretrained small BLIP folder (rtd: the small CLIP)")
     p.add_argument("--out", type=Path, help="run folders (default: runs/ablation-<method>)")
     p.add_argument("--json", type=Path, help="summary file (default: <out>/summary.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -239,12 +281,12 @@ def cli() -> None:
         return
     if args.data is None or args.backbone is None:
         p.error("--data and --backbone are required")
-    known = BI_STAGE1 | BI_STAGE2 if args.method == "bidirectional" else RERANKERS
+    known = {"bidirectional": BI_STAGE1 | BI_STAGE2, "rerank": RERANKERS, "rtd": BASES | RTD}[args.method]
     unknown = [v for v in args.variants or [] if v not in known]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {list(known)}")
     args.out = args.out or Path(f"runs/ablation-{args.method}")
-    table = (bidirectional if args.method == "bidirectional" else rerank)(args)
+    table = {"bidirectional": bidirectional, "rerank": rerank, "rtd": rtd}[args.method](args)
     path = args.json or args.out / "summary.json"
     atomic_write_json(path, table.summary(args), indent=1)
     print(report(path, None, columns))

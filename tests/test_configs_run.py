@@ -14,7 +14,7 @@ from cirlab.cli import main
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.models import build_small_clip, save_backbone
 
-EXPERIMENTS = sorted(p for group in ("bidirectional", "rerank", "eval", "pretrain")
+EXPERIMENTS = sorted(p for group in ("bidirectional", "rerank", "eval", "pretrain", "projection")
                      for p in (CONFIG_ROOT / group).glob("*.yaml"))
 TINY_SMALL = "{embed_dim: 16, text_hidden: 32, text_layers: 1, text_heads: 2, vision_hidden: 16, stage_channels: [8, 8, 8, 8]}"
 
@@ -70,6 +70,14 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
     cfg = load_config(config)
     dataset, method = cfg.data.dataset, cfg.method
     backbone = tiny_clip if cfg.model.kind == "clip" else tiny_pretrained_blip
+    if getattr(method, "stage", None) == "rtd":  # RTD starts from a projection model (a base's export)
+        from cirlab.composers import ProjectionComposer, QueryRecipe
+        from cirlab.models import load_backbone
+        from cirlab.models.phi import Phi
+
+        clip = load_backbone(tiny_clip)
+        backbone = ProjectionComposer(clip, QueryRecipe(prompt="a photo of $ that {text}"),
+                                      Phi("searle", clip.embed_dim, clip.token_dim)).save(tmp_path / "base")
     sets = [f"data.root={roots[dataset]}", "evaluation.batch_size=16"]
     if dataset == "fashioniq":
         sets.append("data.categories=[dress,shirt]")
@@ -77,7 +85,7 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
         sets += [f"model.small={TINY_SMALL}", "model.init_text=random", "method.eval_images=12"]
     else:
         sets.append(f"model.backbone={backbone}")
-    if method.name in ("bidirectional", "rerank", "pretrain"):
+    if method.name in ("bidirectional", "rerank", "pretrain", "projection"):
         sets += ["trainer.max_steps=1", "trainer.epochs=1", "trainer.batch_size=4", "trainer.num_workers=0",
                  "trainer.eval_every_epochs=1", "trainer.checkpoint_every_steps=null"]
     if getattr(method, "stage", None) == "combiner":

@@ -1,8 +1,10 @@
 """RTD's building blocks: the NT-Xent against a direct formula, the pseudo-word at ``$`` only, Phi and
-the projection composer's folder round trip, LinCIR's keyword masking, the text-triplet sources."""
+the projection composer's folder round trip, LinCIR's keyword masking, the text-triplet sources,
+the stages (what trains, what never moves), FashionIQ's two caption orders, a CIRCO submission."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +120,143 @@ def test_text_triplet_sources(tmp_path):
     path.write_text(json.dumps([{"reference_caption": "a", "target_caption": "c"}]))
     with pytest.raises(ValueError, match="conditioning_caption"):
         read_triplets(path)
+
+
+# -- the stages ------------------------------------------------------------------------------------
+
+
+def rtd_stage(composer, **options):
+    import copy
+
+    from cirlab.methods.projection import RtdConfig, RtdStage
+
+    return RtdStage(copy.deepcopy(composer), RtdConfig(**options))
+
+
+TRIPLETS = {"reference_caption": ["a small red circle at the top-left", "a large blue square at the middle-center"],
+            "conditioning_caption": ["make it blue", "remove the object"],
+            "target_caption": ["a small blue circle at the top-left", "an empty scene"]}
+
+
+def test_rtd_trains_only_the_text_side_and_its_anchor_never_moves(composer):
+    stage = rtd_stage(composer).train()
+    anchor_before = {k: v.clone() for k, v in stage.anchor.state_dict().items()}
+    phi_before = {k: v.clone() for k, v in stage.composer.phi.state_dict().items()}
+    with torch.no_grad():
+        enc = stage.anchor.tokenize(TRIPLETS["target_caption"], max_length=77)
+        out_before = stage.anchor.encode_text(enc.input_ids, enc.attention_mask)
+    trainable = [p for p in stage.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = stage.training_step(TRIPLETS)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in stage.anchor.parameters())
+        assert all(p.grad is None for p in stage.composer.phi.parameters())
+        assert all(p.grad is None for p in stage.composer.backbone.vision_model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    text_params = {id(p) for p in stage.composer.backbone.text_encoder.parameters()}
+    text_params |= {id(p) for p in stage.composer.backbone.text_proj.parameters()}
+    assert {id(p) for p in trainable} == text_params
+    for k, v in stage.anchor.state_dict().items():
+        torch.testing.assert_close(v, anchor_before[k], rtol=0, atol=0)
+    for k, v in stage.composer.phi.state_dict().items():
+        torch.testing.assert_close(v, phi_before[k], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(stage.anchor.encode_text(enc.input_ids, enc.attention_mask), out_before)
+    # without the anchor the trainable encoder encodes the targets too (the paper's ablation)
+    free = rtd_stage(composer, anchor=False).train()
+    free.training_step(TRIPLETS)["loss"].backward()
+    assert all(p.grad is None for p in free.anchor.parameters())
+
+
+def test_zero_noise_gives_the_deterministic_phi_output(composer):
+    from cirlab.methods.projection import with_noise
+
+    x = torch.randn(4, 16)
+    assert torch.equal(with_noise(x, 0.0), x)
+    torch.manual_seed(0)
+    noisy = with_noise(x, 0.5)
+    spread = (noisy - x).norm(dim=-1) / x.norm(dim=-1)
+    assert (spread > 0).all() and spread.std() > 0  # one uniform scale per row
+    stage = rtd_stage(composer, noise=0.0).train()
+    a = stage.training_step(TRIPLETS)["loss"]
+    b = stage.training_step(TRIPLETS)["loss"]
+    assert torch.equal(a, b)  # Phi in eval mode, no noise: the same pseudo-words, the same loss
+
+
+def test_lincir_and_pic2word_phi_stages_lower_their_losses(composer):
+    from cirlab.methods.projection import PhiConfig, PhiStage
+
+    captions = {"caption": ["a small red circle at the top-left", "a large cyan square at the middle-center",
+                            "a small gray triangle at the bottom-right", "a large yellow circle at the top-center"]}
+    for style, batch, embeds in (("lincir", captions, None),
+                                 ("pic2word", {"row": torch.arange(4)}, torch.randn(4, 16))):
+        c = ProjectionComposer(composer.backbone, composer.recipe, Phi("pic2word" if style == "pic2word" else "searle",
+                                                                       16, 16))
+        stage = PhiStage(c, PhiConfig(style=style, logit_scale=10.0), embeds).train()
+        opt = torch.optim.AdamW(c.phi.parameters(), lr=3e-3)
+        losses = []
+        for _ in range(30):
+            loss = stage.training_step(batch)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.8 * losses[0], (style, losses[0], losses[-1])
+        assert all(p.grad is None for p in c.backbone.parameters())
+
+
+def test_fashioniq_queries_average_both_caption_orders(composer):
+    from cirlab.data.base import CIRSplit, Query
+    from cirlab.evaluation.evaluate import query_vectors
+    from cirlab.retrieval.feature_cache import FeatureSet
+
+    queries = [Query("dress-0", "A", ("is red", "has long sleeves")), Query("dress-1", "B", ("is short.", "is blue"))]
+    split = CIRSplit("fashioniq", "val", queries, ["A", "B"], lambda i: [], False)
+    embeds = torch.randn(2, composer.backbone.embed_dim)
+    feats = FeatureSet(Path("."), {}, ["A", "B"], {"embeds": embeds})
+    both = ProjectionComposer(composer.backbone, QueryRecipe(prompt=PROMPT, caption_orders="both"), composer.phi).eval()
+    got = query_vectors(both, split, feats)
+    f1 = both.encode_queries(embeds, ["is red and has long sleeves", "is short and is blue"])
+    f2 = both.encode_queries(embeds, ["has long sleeves and is red", "is blue and is short"])
+    torch.testing.assert_close(got, torch.nn.functional.normalize(f1 + f2, dim=-1))
+    one = query_vectors(ProjectionComposer(composer.backbone, QueryRecipe(prompt=PROMPT), composer.phi).eval(),
+                        split, feats)
+    assert not torch.allclose(one, got)
+
+
+def test_an_rtd_model_writes_a_valid_circo_submission(composer, tmp_path):
+    from test_loaders import write_image, write_json
+
+    from cirlab.data.check import drop_missing
+    from cirlab.data.registry import load_split
+    from cirlab.evaluation.evaluate import evaluate_composer, write_predictions
+    from cirlab.evaluation.submission import read_predictions
+
+    root = tmp_path / "CIRCO"
+    write_json(root / "annotations" / "test.json",
+               [{"id": 5, "reference_img_id": 13, "relative_caption": "at night", "shared_concept": "a car"},
+                {"id": 6, "reference_img_id": 11, "relative_caption": "in the snow", "shared_concept": "a dog"}])
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 8, "height": 8} for i in range(10, 20)]
+    write_json(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json", {"images": images})
+    for n, image in enumerate(images):
+        write_image(root / "COCO2017_unlabeled" / "unlabeled2017" / image["file_name"], color=(20 * n, 0, 0))
+    stage = rtd_stage(composer).train()
+    opt = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(2):
+        loss = stage.training_step(TRIPLETS)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model = cirlab.load(stage.composer.save(tmp_path / "rtd-model"))
+    split, _ = drop_missing(load_split("circo", root, "test"))
+    result = evaluate_composer(model, [split])
+    files = write_predictions(tmp_path / "out", "rtd", result, model.name)
+    ranked = json.loads(files[0].read_text())
+    assert set(ranked) == {"5", "6"} and all(len(v) == 10 for v in ranked.values())
+    meta, read = read_predictions(files[0], ["5", "6"])
+    assert read == {q: [str(i) for i in ids] for q, ids in ranked.items()}
