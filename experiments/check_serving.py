@@ -11,9 +11,6 @@ swapping images of equal score (identical scenes, float noise: the order of ties
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +24,7 @@ from cirlab.data.registry import load_split
 from cirlab.data.torch_data import default_text
 from cirlab.evaluation.evaluate import similarity, split_features
 from cirlab.evaluation.submission import rankings_from_similarity
+from cirlab.retrieval.milvus import milvus_lite_server
 from cirlab.retrieval.search import Query, Searcher
 
 TIE = 1e-5
@@ -38,24 +36,6 @@ def compare(got: list[str], want: list[str], scores: np.ndarray, column: dict[st
         return "equal"
     tied = all(a == b or abs(scores[column[a]] - scores[column[b]]) < TIE for a, b in zip(got, want))
     return "ties" if tied and len(got) == len(want) else "different"
-
-
-def milvus_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("milvus-lite")), "server", "--data-dir", str(folder),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("milvus-lite did not start")
-            time.sleep(0.2)
 
 
 def main() -> None:
@@ -87,8 +67,7 @@ def main() -> None:
             counts["served"][verdict] = counts["served"].get(verdict, 0) + 1
     served_s = time.perf_counter() - start
     if args.milvus:
-        proc, uri = milvus_server(work / "milvus-data")
-        try:
+        with milvus_lite_server(work / "milvus-data") as uri:
             assert cli(build + ["--out", str(work / "milvus"), "--backend", "milvus", "--uri", uri]) == 0
             milvus = Searcher.open(work / "milvus")
             queries = [Query(default_text(q, False), id=q.reference) for q in split.queries]
@@ -96,9 +75,6 @@ def main() -> None:
                 for n, hits in enumerate(milvus.search(queries[s:s + 64], k=10), start=s):
                     verdict = compare([h.id for h in hits], ranked[split.queries[n].qid][:10], sim[n], column)
                     counts["milvus"][verdict] = counts["milvus"].get(verdict, 0) + 1
-        finally:
-            proc.terminate()
-            proc.wait(10)
     print(f"{split.name}: {len(split.queries)} queries, gallery {len(split.gallery)}, model {args.model}")
     print(f"served over HTTP (faiss Flat) vs cirlab eval top-10: {counts['served']} ({served_s:.0f} s)")
     if args.milvus:

@@ -3,7 +3,6 @@ HTTP API refuses its bad request with the right status while the server keeps an
 
 import io
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -122,32 +121,12 @@ def test_served_top10_equals_the_evaluation_ranking_for_every_query(tiny_index, 
 def milvus_uri(tmp_path_factory):
     """A milvus-lite server on loopback for this module's tests."""
     pytest.importorskip("pymilvus")
-    exe = Path(sys.executable).with_name("milvus-lite")
-    if not exe.exists():
+    from cirlab.retrieval.milvus import milvus_lite_server
+
+    if not Path(sys.executable).with_name("milvus-lite").exists():
         pytest.skip("milvus-lite is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    data = tmp_path_factory.mktemp("milvus")
-    proc = subprocess.Popen([str(exe), "server", "--data-dir", str(data), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("milvus-lite server did not start")
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with milvus_lite_server(tmp_path_factory.mktemp("milvus")) as uri:
+        yield uri
 
 
 def test_milvus_returns_the_ids_and_scores_of_faiss_flat(tiny_index, tiny_shapes, milvus_uri, tmp_path):

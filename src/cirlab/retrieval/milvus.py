@@ -10,8 +10,13 @@ manifest (uri, collection), the id list and the gallery paths.
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -103,3 +108,33 @@ class MilvusIndex(VectorIndex):
             raise ValueError(f"{folder}: Milvus collection {index.collection!r} holds {stats['row_count']} vectors, "
                              f"{IDS} lists {len(rows)}; rebuild the index")
         return index
+
+
+@contextmanager
+def milvus_lite_server(data_dir: str | Path, timeout: float = 60.0) -> Iterator[str]:
+    """The uri of a ``milvus-lite server`` on a free 127.0.0.1 port for the block (tests, checks)."""
+    exe = Path(sys.executable).with_name("milvus-lite")
+    if not exe.exists():
+        raise FileNotFoundError(f"milvus-lite is not installed next to {sys.executable}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(exe), "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"milvus-lite server did not start within {timeout} s") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
