@@ -42,6 +42,8 @@ class DataConfig(Strict):
     target_ratio: float = 1.25
     train_fraction: float = Field(1.0, gt=0, le=1, description="train on this share of the training triplets "
                                   "(a fixed draw, the same for every seed and method: data-limited experiments)")
+    extensions: list[str] = Field([], description="extension caption files whose triplets are added to the "
+                                  "training split (SPN's generated positives; FashionIQ: {category} in the path)")
 
 
 class OptimConfig(Strict):
@@ -73,6 +75,8 @@ class TrainerConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint_every_steps: int | None = None
     eval_every_epochs: int = Field(1, ge=1)
+    eval_every_steps: int | None = Field(None, ge=1, description="also validate (and save) every this many "
+                                         "optimiser steps inside an epoch, for curves that peak within one")
     eval_at_start: bool = Field(False, description="also validate (and keep as best.pt) the model before the first "
                                 "step, so that select_metric can choose no training at all over a worse result")
     select_metric: str | None = None

@@ -54,6 +54,16 @@ def load_shapes(root: str | Path, split: str) -> CIRSplit:
     return _load(Path(root), split, version="shapes", dataset="shapes")
 
 
+def read_extension(path: str | Path, dataset: str) -> list[Query]:
+    """Training triplets added to a CIRR-style split (SPN's generated positives): records in the
+    caption file's own format, read as that split's are."""
+    path = Path(path)
+    queries = [_query(r, path, i, True, scene_positives=dataset == "shapes")
+               for i, r in enumerate(read_records(path, f"{dataset} extension file"))]
+    check_unique_qids(queries, path)
+    return queries
+
+
 def _annotation_dir(root: Path, version: str, split: str) -> Path:
     """``root/cirr`` (the official layout) or ``root`` itself, whichever holds the captions."""
     name = f"cap.{version}.{split}.json"
@@ -118,10 +128,16 @@ def _query(r: dict[str, Any], path: Path, i: int, has_targets: bool, scene_posit
             soft = field(r, "target_soft", path, i, dict)
             positives += tuple(k for k, score in soft.items() if score == 1.0 and k != target)
 
+    captions = (field(r, "caption", path, i, str),)
+    if r.get("generated"):  # SPN's generated triplets: every template's text, one drawn per training sample
+        extra["generated"] = True
+        captions = tuple(field(r, "captions", path, i, list))
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{path}: record {i} has captions={list(captions)!r:.80}, expected a list of strings")
     return Query(
         qid=qid,
         reference=field(r, "reference", path, i, str),
-        captions=(field(r, "caption", path, i, str),),
+        captions=captions,
         target=target,
         positives=positives,
         subset=subset,

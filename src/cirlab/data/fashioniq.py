@@ -43,25 +43,7 @@ def load_fashioniq(root: str | Path, split: str, category: str) -> CIRSplit:
     if category not in CATEGORIES:
         raise ValueError(f"unknown FashionIQ category {category!r}; expected one of {list(CATEGORIES)}")
     cap_path = root / "captions" / f"cap.{category}.{split}.json"
-    records = read_records(cap_path, "FashionIQ caption file")
-    queries = []
-    for i, r in enumerate(records):
-        captions = field(r, "captions", cap_path, i, list)
-        if len(captions) != 2 or not all(isinstance(c, str) for c in captions):
-            raise ValueError(f"{cap_path}: record {i} has captions={captions!r:.80}, expected a list of 2 strings "
-                             "(every FashionIQ query has two relative captions)")
-        # Test captions may come without targets; everywhere else a target is required.
-        target = r.get("target") if split == "test" else field(r, "target", cap_path, i, str)
-        queries.append(
-            Query(
-                qid=f"{category}-{i}",
-                reference=field(r, "candidate", cap_path, i, str),
-                captions=tuple(captions),
-                target=target,
-                positives=(target,) if target is not None else (),
-                extra={"category": category},
-            )
-        )
+    queries = _read_queries(cap_path, category, split)
     split_path = root / "image_splits" / f"split.{category}.{split}.json"
     gallery = _read_id_list(split_path)
     check_gallery(gallery, split_path)
@@ -74,6 +56,36 @@ def load_fashioniq(root: str | Path, split: str, category: str) -> CIRSplit:
         exclude_reference=False,
         name=f"fashioniq/{category}/{split}",
     )
+
+
+def read_extension(path: str | Path, category: str) -> list[Query]:
+    """Training triplets added to one category (SPN's generated positives), in the caption
+    file's format; a record with ``"generated": true`` may hold any number of captions (its
+    templates' texts, one drawn per training sample). Their qids are ``<category>-x<index>``."""
+    return _read_queries(Path(path), category, "train", qid_prefix="x")
+
+
+def _read_queries(cap_path: Path, category: str, split: str, qid_prefix: str = "") -> list[Query]:
+    queries = []
+    for i, r in enumerate(read_records(cap_path, "FashionIQ caption file")):
+        captions = field(r, "captions", cap_path, i, list)
+        generated = bool(r.get("generated"))
+        if not all(isinstance(c, str) for c in captions) or (len(captions) < 1 if generated else len(captions) != 2):
+            raise ValueError(f"{cap_path}: record {i} has captions={captions!r:.80}, expected a list of 2 strings "
+                             "(every FashionIQ query has two relative captions; generated ones one or more)")
+        # Test captions may come without targets; everywhere else a target is required.
+        target = r.get("target") if split == "test" else field(r, "target", cap_path, i, str)
+        queries.append(
+            Query(
+                qid=f"{category}-{qid_prefix}{i}",
+                reference=field(r, "candidate", cap_path, i, str),
+                captions=tuple(captions),
+                target=target,
+                positives=(target,) if target is not None else (),
+                extra={"category": category, **({"generated": True} if generated else {})},
+            )
+        )
+    return queries
 
 
 def _read_id_list(path: Path) -> list[str]:

@@ -8,6 +8,7 @@ is the usual way these loaders fail.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from cirlab.data import circo, cirr, fashioniq
@@ -44,3 +45,26 @@ def load_splits(
             raise ValueError(f"categories only apply to FashionIQ, not {dataset!r}")
         return [load_split(dataset, root, split)]
     return [load_split(dataset, root, split, category=c) for c in (categories or fashioniq.CATEGORIES)]
+
+
+def extend_split(split: CIRSplit, path: str | Path) -> CIRSplit:
+    """``split`` plus the training triplets of an extension file in the dataset's own caption
+    format (SPN's generated positives). For FashionIQ, ``{category}`` in ``path`` is replaced by
+    the split's category. Every image the new triplets name must be one of the split's."""
+    if split.dataset == "fashioniq":
+        category = split.name.split("/")[1]
+        path = Path(str(path).replace("{category}", category))
+        added = fashioniq.read_extension(path, category)
+    elif split.dataset in ("cirr", "shapes"):
+        path = Path(path)
+        added = cirr.read_extension(path, split.dataset)
+    else:
+        raise ValueError(f"{path}: {split.dataset} has no training split to extend")
+    known = set(split.gallery)
+    unknown = sorted({i for q in added for i in (q.reference, q.target) if i not in known})
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} images are not in {split.name}, e.g. {unknown[:3]}")
+    clash = {q.qid for q in split.queries} & {q.qid for q in added}
+    if clash:
+        raise ValueError(f"{path}: query ids already used by {split.name}, e.g. {sorted(clash)[:3]}")
+    return replace(split, queries=[*split.queries, *added], name=f"{split.name}+{path.stem}")

@@ -8,13 +8,14 @@ back to the main process, and warns once at the end of the epoch.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable, Hashable, Mapping
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, get_worker_info
 
 from cirlab.data.base import CIRSplit, Query
-from cirlab.data.fashioniq import fiq_train_caption, fiq_val_caption
+from cirlab.data.fashioniq import fiq_train_caption, fiq_train_forms, fiq_val_caption
 from cirlab.data.images import MissingImages, collate_skip_none, load_image
 
 TextFn = Callable[[Query, bool], str]
@@ -24,10 +25,20 @@ Transform = Callable[[Any], torch.Tensor]
 def default_text(query: Query, train: bool) -> str:
     """The single caption; for FashionIQ's two, the supervised repos' training draw or
     validation order (ABaldrati/CLIP4Cir's ``generate_randomized_fiq_caption`` and validation
-    caption). Zero-shot evaluation uses the validation order too."""
+    caption). Zero-shot evaluation uses the validation order too. A generated triplet (SPN)
+    draws one of its template texts, as the official trainer's ``random.choice``."""
+    if query.extra.get("generated"):
+        return random.choice(query.captions) if train else query.captions[0]
     if len(query.captions) == 1:
         return query.captions[0]
     return fiq_train_caption(query.captions) if train else fiq_val_caption(query.captions)
+
+
+def training_forms(query: Query) -> tuple[str, ...]:
+    """Every text a training draw of :func:`default_text` can give for ``query``."""
+    if len(query.captions) > 1 and not query.extra.get("generated"):
+        return fiq_train_forms(query.captions)
+    return query.captions
 
 
 class _ImageDataset(Dataset):

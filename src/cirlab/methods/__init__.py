@@ -17,6 +17,7 @@ METHODS = {
     "pretrain": "cirlab.methods.pretrain",
     "projection": "cirlab.methods.projection",
     "rerank": "cirlab.methods.rerank",
+    "spn": "cirlab.methods.spn",
     "zeroshot": "cirlab.methods.zeroshot",
 }
 

@@ -31,8 +31,7 @@ from torch import nn
 from cirlab.composers import BACKWARD, FORWARD, CombinerComposer, SumComposer, with_direction
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.base import Query
-from cirlab.data.fashioniq import fiq_train_forms
-from cirlab.data.torch_data import FeatureTriplets, default_text
+from cirlab.data.torch_data import FeatureTriplets, default_text, training_forms
 from cirlab.methods.common import (Stage, composer_stage, diagonal_ce, image_table, recipe_of,
                                    stage_backbone, stage_config, training_splits, triplet_ids)
 from cirlab.models import Backbone, BlipBackbone, add_tokens
@@ -93,7 +92,7 @@ def backward_query_text(query: Query, cfg: BiConfig, draw: Callable[[Query], str
 def training_texts(query: Query, cfg: BiConfig) -> list[str]:
     """Every text a training draw can produce for ``query``, forward and backward (stage II
     encodes them all once)."""
-    forms = fiq_train_forms(query.captions) if len(query.captions) > 1 else query.captions
+    forms = training_forms(query)
     texts = [with_direction(t, True, cfg.direction) for t in forms]
     for form in forms:
         texts.append(backward_query_text(query, cfg, lambda q: form))

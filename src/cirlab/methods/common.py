@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from cirlab.composers import Composer, QueryRecipe
 from cirlab.config import ExperimentConfig, validate
 from cirlab.data.base import CIRSplit
-from cirlab.data.registry import load_splits
+from cirlab.data.registry import extend_split, load_splits
 from cirlab.data.transforms import build_transform
 from cirlab.evaluation.protocols import category_of, chance_levels, combine_splits, protocol_for
 from cirlab.models import Backbone, load_backbone
@@ -106,16 +106,19 @@ def training_splits(cfg: ExperimentConfig) -> list[CIRSplit]:
     """The training split(s), cut to ``data.train_fraction`` of their triplets.
 
     The kept triplets are a fixed draw (generator seed 0, independent of ``seed``), so every
-    seed and every method of a data-limited comparison trains on the same ones."""
+    seed and every method of a data-limited comparison trains on the same ones. The triplets of
+    ``data.extensions`` (generated ones) are then added whole."""
     splits = method_splits(cfg, cfg.data.train_split)
     fraction = cfg.data.train_fraction
-    if fraction >= 1:
-        return splits
     out = []
     for s in splits:
-        n = max(1, round(fraction * len(s.queries)))
-        keep = sorted(torch.randperm(len(s.queries), generator=torch.Generator().manual_seed(0))[:n].tolist())
-        out.append(replace(s, queries=[s.queries[i] for i in keep], name=f"{s.name}[{fraction:g}]"))
+        if fraction < 1:
+            n = max(1, round(fraction * len(s.queries)))
+            keep = sorted(torch.randperm(len(s.queries), generator=torch.Generator().manual_seed(0))[:n].tolist())
+            s = replace(s, queries=[s.queries[i] for i in keep], name=f"{s.name}[{fraction:g}]")
+        for path in cfg.data.extensions:
+            s = extend_split(s, path)
+        out.append(s)
     return out
 
 

@@ -57,7 +57,8 @@ class Trainer:
     ``param_groups``: optimiser groups (dicts with ``params`` and optionally ``lr``,
     ``weight_decay`` and ``scheduled=False`` to keep a group out of the schedule); by default
     one group with every parameter that requires grad. ``evaluate`` is called on the main rank
-    with the unwrapped model every ``eval_every_epochs`` epochs and at the end; its metrics are
+    with the unwrapped model every ``eval_every_epochs`` epochs (and ``eval_every_steps`` steps, if
+    set) and at the end; its metrics are
     logged, printed (the headline ones) and ``trainer.select_metric`` (higher is better) picks
     ``best.pt``. The run directory is locked for this process (:meth:`RunDir.lock`).
     """
@@ -204,8 +205,12 @@ class Trainer:
                 if self._budget_spent():
                     bar.update()  # tqdm counts an item when the next one is asked for
                     break
+                inside = self.step_in_epoch < self.steps_per_epoch  # the epoch's end evaluates and saves anyway
+                evaluate = inside and t.eval_every_steps and self.step % t.eval_every_steps == 0
+                if evaluate and self.evaluate_fn is not None:
+                    self._evaluate()
                 every = t.checkpoint_every_steps
-                if every and self.step % every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                if inside and (evaluate or (every and self.step % every == 0)):
                     self._save()
         bar.close()
         tracker = getattr(self.data.data, "missing", None)  # num_workers=0: the main process's copy

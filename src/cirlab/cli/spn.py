@@ -1,0 +1,27 @@
+"""``cirlab spn generate``: SPN's generated positives, written as a training-split extension file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("spn", help="SPN's offline steps (stage 2 trains with `cirlab train`)")
+    commands = p.add_subparsers(dest="spn_command", required=True)
+    g = commands.add_parser("generate", help="caption the training images and write generated triplets")
+    g.add_argument("--config", required=True, type=Path, help="a config with method.stage: generate")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set method.window=[10,100]")
+    g.set_defaults(func=generate)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from cirlab.config import load_config
+    from cirlab.methods import spn
+
+    cfg = load_config(args.config, args.overrides)
+    if not isinstance(cfg.method, spn.GenerateConfig):
+        raise ValueError(f"{args.config}: method must be spn with stage generate")
+    spn.generate(cfg)
+    return 0
