@@ -3,6 +3,7 @@
     python experiments/ablate.py bidirectional --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
     python experiments/ablate.py rerank --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
     python experiments/ablate.py rtd --data runs/demo/shapes --backbone runs/demo/pretrain-clip/backbone
+    python experiments/ablate.py spn --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
     python experiments/ablate.py report docs/ablations/rerank.json --plot docs/ablations/rerank.png
 
 Every run is an ordinary ``cirlab train`` run folder (its exported ``<run>/model``) or a
@@ -27,7 +28,7 @@ from cirlab.config import CONFIG_ROOT
 from cirlab.training.run import RunDir
 from cirlab.utils.io import atomic_write_json, read_json
 
-BI, RR, PJ = CONFIG_ROOT / "bidirectional", CONFIG_ROOT / "rerank", CONFIG_ROOT / "projection"
+BI, RR, PJ, SPN = (CONFIG_ROOT / g for g in ("bidirectional", "rerank", "projection", "spn"))
 
 # Stage-I variants: name -> overrides. "forward" is the w = 0 baseline (the paper's BLIP4CIR+Sum).
 BI_STAGE1 = {
@@ -70,6 +71,25 @@ RTD = {
     "lincir + rtd, s=0.25": ("lincir", ["method.noise=0.25"]),
     "lincir + rtd, s=1": ("lincir", ["method.noise=1"]),
     "lincir + rtd, rule triplets": ("lincir", ["method.triplets=rules"]),
+}
+
+# SPN stage-2 variants over each seed's stage-1 model (Bi-BLIP4CIR stage I, w = 0.4, on
+# --spn-fraction of the triplets): name -> (generated positives: a generation variant or None,
+# stage-2 overrides). Every stage 2 runs the same number of steps (--stage2-set), so "+ generated"
+# is more positives at equal compute, and "stage 2, in-batch" is the control for "+ bank": the
+# same continued training with only the batch's targets as negatives.
+SPN_GENERATE = {"w[1,50)": ["method.window=[1,50]"], "w[50,500)": ["method.window=[50,500]"],
+                "w[500,5000)": ["method.window=[500,5000]"], "uniform": ["method.window=null"]}
+SPN_VARIANTS = {
+    "stage 2, in-batch": (None, ["method.negatives=in_batch"]),
+    "+ bank": (None, []),
+    "+ generated, in-batch": ("w[1,50)", ["method.negatives=in_batch"]),
+    "+ bank + generated": ("w[1,50)", []),
+    "+ bank + generated w[50,500)": ("w[50,500)", []),
+    "+ bank + generated w[500,5000)": ("w[500,5000)", []),
+    "+ bank + generated uniform": ("uniform", []),
+    "+ bank, 100 negatives": (None, ["method.neg_num=100"]),
+    "+ bank, 1000 negatives": (None, ["method.neg_num=1000"]),
 }
 
 
@@ -219,6 +239,38 @@ def rtd(args: argparse.Namespace) -> Table:
     return table
 
 
+def spn(args: argparse.Namespace) -> Table:
+    table = Table()
+    fraction = [f"data.train_fraction={args.spn_fraction}"]
+    for seed in args.seeds:
+        name1 = f"bi w=0.4, {args.spn_fraction:g}"
+        run1 = args.out / f"text-{tag(name1)}-s{seed}"
+        stage1 = run_train(BI / "shapes_text.yaml", run1, [f"data.root={args.data}", f"model.backbone={args.backbone}",
+                                                           f"seed={seed}", *fraction, *BI_STAGE1["bi w=0.4"],
+                                                           *args.stage1_set])
+        m = eval_model(stage1, args.out / f"eval-text-{tag(name1)}-s{seed}", args.data)
+        table.add(f"stage 1 ({name1})", m["forward"], run1, "Avg")
+        for name in args.variants or SPN_VARIANTS:
+            gen, sets = SPN_VARIANTS[name]
+            extension = []
+            if gen is not None:
+                out = args.out / f"generated-{tag(gen)}-s{seed}.json"
+                if not out.is_file() and cirlab(["spn", "generate", "--config", str(SPN / "shapes_generate.yaml"),
+                                                 *(x for o in [f"data.root={args.data}", f"model.backbone={stage1}",
+                                                               f"seed={seed}", *fraction, f"method.out={out}",
+                                                               f"method.per_reference={args.per_reference}",
+                                                               *SPN_GENERATE[gen]] for x in ("--set", o))]):
+                    raise SystemExit(f"generation failed: {out}")
+                extension = [f"data.extensions=[{out}]"]
+            run = args.out / f"spn-{tag(name)}-s{seed}"
+            model = run_train(SPN / "shapes_bank.yaml", run, [f"data.root={args.data}", f"model.backbone={stage1}",
+                                                              f"seed={seed}", *fraction, *extension, *sets,
+                                                              *args.stage2_set])
+            m = eval_model(model, args.out / f"eval-spn-{tag(name)}-s{seed}", args.data)
+            table.add(name, m["forward"], run, "Avg")
+    return table
+
+
 def report(path: Path, plot: Path | None, columns: list[str]) -> str:
     """The markdown table of a docs/ablations file (and its plot: R@1 per row, validation curves)."""
     data = read_json(path, "ablation")
@@ -261,7 +313,7 @@ def _plot(data: dict, path: Path) -> None:
 
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["bidirectional", "rerank", "rtd", "report"])
+    p.add_argument("method", choices=["bidirectional", "rerank", "rtd", "spn", "report"])
     p.add_argument("path", nargs="?", type=Path, help="report: the docs/ablations JSON file")
     p.add_argument("--plot", type=Path, help="report: draw the plot here")
     p.add_argument("--data", type=Path, help="shapes root")
@@ -274,6 +326,8 @@ def cli() -> None:
     p.add_argument("--eval-queries", type=int, help="re-ranking: the first N test queries only (default: all)")
     p.add_argument("--stage1-set", nargs="*", default=[], help="extra overrides of every stage-I training")
     p.add_argument("--stage2-set", nargs="*", default=[], help="extra overrides of every stage-II training")
+    p.add_argument("--spn-fraction", type=float, default=0.1, help="spn: the share of training triplets")
+    p.add_argument("--per-reference", type=int, default=5, help="spn: generated targets per reference")
     args = p.parse_args()
     columns = ["R@1", "R@5", "R@10", "R@50", "Avg", "back R@1", "back image-only R@1"]
     if args.method == "report":
@@ -281,12 +335,13 @@ def cli() -> None:
         return
     if args.data is None or args.backbone is None:
         p.error("--data and --backbone are required")
-    known = {"bidirectional": BI_STAGE1 | BI_STAGE2, "rerank": RERANKERS, "rtd": BASES | RTD}[args.method]
+    known = {"bidirectional": BI_STAGE1 | BI_STAGE2, "rerank": RERANKERS, "rtd": BASES | RTD,
+             "spn": SPN_VARIANTS}[args.method]
     unknown = [v for v in args.variants or [] if v not in known]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {list(known)}")
     args.out = args.out or Path(f"runs/ablation-{args.method}")
-    table = {"bidirectional": bidirectional, "rerank": rerank, "rtd": rtd}[args.method](args)
+    table = {"bidirectional": bidirectional, "rerank": rerank, "rtd": rtd, "spn": spn}[args.method](args)
     path = args.json or args.out / "summary.json"
     atomic_write_json(path, table.summary(args), indent=1)
     print(report(path, None, columns))

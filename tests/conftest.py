@@ -3,6 +3,10 @@
 A randomly initialised image tower barely tells scenes apart, so composed-retrieval tests that
 must show recall rising start from a backbone given a few seconds of ITC pretraining."""
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 import torch
 
@@ -101,3 +105,45 @@ def tiny_index(tiny_shapes, tiny_pretrained_blip, tmp_path_factory):
     assert main(["index", "build", "--model", str(model), "--dataset", "shapes", "--root", str(tiny_shapes),
                  "--split", "test", "--out", str(tmp / "index")]) == 0
     return model, tmp / "index"
+
+
+class StubChat(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /v1/chat/completions stub: fails as ``server.plan`` says, then answers."""
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        action = self.server.plan.pop(0) if self.server.plan else "ok"
+        if action == "500" or action == "400":
+            self.send_response(int(action))
+            self.end_headers()
+            return
+        if action == "slow":
+            threading.Event().wait(1.0)
+        content = body["messages"][0]["content"]
+        reply = {"choices": [{"message": {"content": f" caption {len(self.server.requests)} "
+                                                      f"({content[0]['text']}) "}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def stub_chat():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StubChat)
+    server.requests, server.plan = [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)

@@ -14,7 +14,7 @@ from cirlab.cli import main
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.models import build_small_clip, save_backbone
 
-EXPERIMENTS = sorted(p for group in ("bidirectional", "rerank", "eval", "pretrain", "projection")
+EXPERIMENTS = sorted(p for group in ("bidirectional", "rerank", "eval", "pretrain", "projection", "spn")
                      for p in (CONFIG_ROOT / group).glob("*.yaml"))
 TINY_SMALL = "{embed_dim: 16, text_hidden: 32, text_layers: 1, text_heads: 2, vision_hidden: 16, stage_channels: [8, 8, 8, 8]}"
 
@@ -64,12 +64,43 @@ def tiny_clip(tmp_path_factory):
     return save_backbone(clip, tmp_path_factory.mktemp("tiny-clip") / "clip")
 
 
+def _spn_base(config, tiny_pretrained_blip, tiny_clip, folder):
+    """The first-stage model an SPN config names in its comment: sum, filter or projection."""
+    from cirlab.composers import GroundedComposer, ProjectionComposer, QueryRecipe, SumComposer
+    from cirlab.models import load_backbone
+    from cirlab.models.phi import Phi
+
+    if "zeroshot" in config.stem:
+        clip = load_backbone(tiny_clip)
+        return ProjectionComposer(clip, QueryRecipe(prompt="a photo of $ that {text}"),
+                                  Phi("searle", clip.embed_dim, clip.token_dim)).save(folder)
+    kind = GroundedComposer if "filter" in config.stem else SumComposer
+    return kind(load_backbone(tiny_pretrained_blip), QueryRecipe()).save(folder)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pretrained_blip, tiny_clip, tmp_path):
+def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pretrained_blip, tiny_clip, tmp_path,
+                                                          stub_chat):
     cfg = load_config(config)
     dataset, method = cfg.data.dataset, cfg.method
     backbone = tiny_clip if cfg.model.kind == "clip" else tiny_pretrained_blip
+    if method.name == "spn":
+        backbone = _spn_base(config, tiny_pretrained_blip, tiny_clip, tmp_path / "base")
+    if getattr(method, "stage", None) == "generate":  # `cirlab spn generate`, then the file loads as training data
+        from cirlab.data.registry import extend_split, load_splits
+
+        out = tmp_path / "gen" / ("cap.{category}.extend.json" if dataset == "fashioniq" else "extend.json")
+        sets = [f"data.root={roots[dataset]}", f"model.backbone={backbone}", f"method.out={out}",
+                "method.window=[1,20]", f"method.captioner.url=http://127.0.0.1:{stub_chat.server_address[1]}/v1"]
+        if dataset == "fashioniq":
+            sets.append("data.categories=[dress,shirt]")
+        assert main(["spn", "generate", "--config", str(config), *(x for s in sets for x in ("--set", s))]) == 0
+        categories = ["dress", "shirt"] if dataset == "fashioniq" else None
+        for split in load_splits(dataset, roots[dataset], "train", categories=categories):
+            extended = extend_split(split, out)
+            assert len(extended.queries) > len(split.queries)
+        return
     if getattr(method, "stage", None) == "rtd":  # RTD starts from a projection model (a base's export)
         from cirlab.composers import ProjectionComposer, QueryRecipe
         from cirlab.models import load_backbone
@@ -85,7 +116,7 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
         sets += [f"model.small={TINY_SMALL}", "model.init_text=random", "method.eval_images=12"]
     else:
         sets.append(f"model.backbone={backbone}")
-    if method.name in ("bidirectional", "rerank", "pretrain", "projection"):
+    if method.name in ("bidirectional", "rerank", "pretrain", "projection", "spn"):
         sets += ["trainer.max_steps=1", "trainer.epochs=1", "trainer.batch_size=4", "trainer.num_workers=0",
                  "trainer.eval_every_epochs=1", "trainer.checkpoint_every_steps=null"]
     if getattr(method, "stage", None) == "combiner":

@@ -4,9 +4,6 @@ and a second stage that trains only the query side."""
 
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
@@ -152,48 +149,6 @@ def test_captioning_interrupted_after_n_resumes_without_asking_for_those_again(t
     assert other.asked == ["img0", "img1"]
 
 
-class StubChat(BaseHTTPRequestHandler):
-    """An OpenAI-compatible /v1/chat/completions stub: fails as ``server.plan`` says, then answers."""
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        action = self.server.plan.pop(0) if self.server.plan else "ok"
-        if action == "500" or action == "400":
-            self.send_response(int(action))
-            self.end_headers()
-            return
-        if action == "slow":
-            threading.Event().wait(1.0)
-        content = body["messages"][0]["content"]
-        reply = {"choices": [{"message": {"content": f" caption {len(self.server.requests)} "
-                                                      f"({content[0]['text']}) "}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        try:
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def stub_chat():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), StubChat)
-    server.requests, server.plan = [], []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
-
-
 def test_chat_captioner_retries_times_out_and_names_the_image(stub_chat, tiny_shapes):
     image = tiny_shapes / "images" / "train" / "train-000000-0.png"
     assert image.is_file()
@@ -324,3 +279,58 @@ def test_stage_two_trains_the_query_side_only_and_raises_recall_on_its_training_
     split = load_split("shapes", tiny_shapes, "val")
     images = [split.find_image(i) for i in split.gallery[:8]]
     torch.testing.assert_close(tuned.encode_gallery(images), base.encode_gallery(images), rtol=0, atol=0)
+
+
+def _first_stages(tiny_pretrained_blip, tmp_path):
+    """A model folder of every first-stage kind SPN stands on."""
+    from cirlab.composers import CombinerComposer, GroundedComposer, ProjectionComposer
+    from cirlab.models import build_small_clip
+    from cirlab.models.combiner import Combiner
+    from cirlab.models.phi import Phi
+
+    blip = load_backbone(tiny_pretrained_blip)
+    torch.manual_seed(0)
+    clip = build_small_clip(embed_dim=16, text_hidden=16, text_layers=1, text_heads=2, vision_hidden=16,
+                            stage_channels=(8, 8, 8, 8))
+    return {
+        "sum": SumComposer(blip, QueryRecipe()),
+        "grounded": GroundedComposer(load_backbone(tiny_pretrained_blip), QueryRecipe(max_text_length=32)),
+        "combiner": CombinerComposer(load_backbone(tiny_pretrained_blip), QueryRecipe(),
+                                     Combiner(blip.embed_dim, 16, 16, dropout=0.5)),
+        "projection": ProjectionComposer(clip, QueryRecipe(prompt="a photo of $ that {text}"),
+                                         Phi("searle", clip.embed_dim, clip.token_dim)),
+    }
+
+
+def test_stage_two_stands_on_every_first_stage_kind(tiny_shapes, tiny_pretrained_blip, tmp_path):
+    for kind, composer in _first_stages(tiny_pretrained_blip, tmp_path).items():
+        folder = composer.save(tmp_path / kind)
+        cfg = load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml", [f"data.root={tiny_shapes}", f"model.backbone={folder}"])
+        stage = spn.build(cfg)
+        model = stage.model.train()
+        base = {n: p.detach().clone() for n, p in model.composer.named_parameters()}
+        query = {id(p) for p in model.composer.query_parameters()}
+        batch = torch.utils.data.default_collate([stage.train_data[i] for i in range(8)])
+        out = model.training_step(batch)
+        assert torch.isfinite(out["loss"]), kind
+        out["loss"].backward()
+        with_grad = {id(p) for p in model.composer.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert with_grad and with_grad <= query, kind  # only the query side learns
+        assert not model.composer.training  # eval mode in stage 2: no dropout
+        opt = torch.optim.SGD([p for p in model.composer.parameters() if p.requires_grad], lr=0.1)
+        opt.step()
+        for n, p in model.composer.named_parameters():
+            if id(p) not in query:
+                assert torch.equal(p, base[n]), (kind, n)
+        stage.export(model, tmp_path / f"{kind}-out", {})
+        assert cirlab.load(tmp_path / f"{kind}-out").kind == composer.kind  # a composer of the base's kind
+
+    from cirlab.composers import RerankComposer
+    from cirlab.models.dual_encoder import DualEncoderReranker
+
+    blip = load_backbone(tiny_pretrained_blip)
+    reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id, merge="official")
+    folder = RerankComposer(blip, QueryRecipe(), reranker).save(tmp_path / "rerank")
+    with pytest.raises(ValueError, match="re-ranking model; SPN trains a first stage"):
+        spn.build(load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml", [f"data.root={tiny_shapes}",
+                                                                         f"model.backbone={folder}"]))

@@ -75,8 +75,8 @@ class TrainerConfig(Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     checkpoint_every_steps: int | None = None
     eval_every_epochs: int = Field(1, ge=1)
-    eval_every_steps: int | None = Field(None, ge=1, description="also validate (and save) every this many "
-                                         "optimiser steps inside an epoch, for curves that peak within one")
+    eval_every_steps: int | None = Field(None, ge=1, description="validate (and save) every this many optimiser "
+                                         "steps instead of every eval_every_epochs epochs, inside epochs too")
     eval_at_start: bool = Field(False, description="also validate (and keep as best.pt) the model before the first "
                                 "step, so that select_metric can choose no training at all over a worse result")
     select_metric: str | None = None

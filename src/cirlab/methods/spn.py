@@ -205,7 +205,8 @@ def generate(cfg: ExperimentConfig) -> list[Path]:
         copies: dict[str, list[str]] = {}
         for i in split.gallery:
             copies.setdefault(dup[i], []).append(i)
-        records = [_record(split, n, unique[r], unique[t], captions, copies, gcfg.templates, original)
+        first = max((int(q.qid) for q in split.queries if q.qid.isdigit()), default=-1) + 1  # after every pairid
+        records = [_record(split, first + n, unique[r], unique[t], captions, copies, gcfg.templates)
                    for n, (r, t) in enumerate(pairs)]
         atomic_write_json(out, records, indent=1)
         print(f"{split.name}: {len(records)} generated triplets from {len(refs)} references "
@@ -214,14 +215,13 @@ def generate(cfg: ExperimentConfig) -> list[Path]:
     return written
 
 
-def _record(split: CIRSplit, n: int, ref: str, tgt: str, captions: dict[str, str], copies: dict[str, list[str]],
-            templates: list[int], original: CIRSplit) -> dict:
+def _record(split: CIRSplit, pairid: int, ref: str, tgt: str, captions: dict[str, str],
+            copies: dict[str, list[str]], templates: list[int]) -> dict:
     texts = template_texts(captions[ref], captions[tgt], templates)
     made = {"reference_caption": captions[ref], "target_caption": captions[tgt]}
     if split.dataset == "fashioniq":
         return {"candidate": ref, "target": tgt, "captions": texts, "generated": True, "captioned": made}
-    first = max((int(q.qid) for q in original.queries), default=-1) + 1  # pairids after the original ones
-    return {"pairid": first + n, "reference": ref, "target_hard": tgt,
+    return {"pairid": pairid, "reference": ref, "target_hard": tgt,
             "target_soft": {c: 1.0 for c in copies[tgt]}, "caption": texts[0], "captions": texts,
             "img_set": {"id": -1, "members": []}, "generated": True, "captioned": made}
 

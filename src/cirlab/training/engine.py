@@ -57,8 +57,8 @@ class Trainer:
     ``param_groups``: optimiser groups (dicts with ``params`` and optionally ``lr``,
     ``weight_decay`` and ``scheduled=False`` to keep a group out of the schedule); by default
     one group with every parameter that requires grad. ``evaluate`` is called on the main rank
-    with the unwrapped model every ``eval_every_epochs`` epochs (and ``eval_every_steps`` steps, if
-    set) and at the end; its metrics are
+    with the unwrapped model every ``eval_every_epochs`` epochs (or, if set, every
+    ``eval_every_steps`` steps, inside epochs too) and at the end; its metrics are
     logged, printed (the headline ones) and ``trainer.select_metric`` (higher is better) picks
     ``best.pt``. The run directory is locked for this process (:meth:`RunDir.lock`).
     """
@@ -154,7 +154,7 @@ class Trainer:
                 if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps mid-epoch
                     break
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                if self.evaluate_fn is not None and self.epoch % t.eval_every_epochs == 0:
+                if self.evaluate_fn is not None and self._eval_due():
                     self._evaluate()
                 self._save()
             if self.evaluate_fn is not None and self._eval_step != self.step:
@@ -206,7 +206,7 @@ class Trainer:
                     bar.update()  # tqdm counts an item when the next one is asked for
                     break
                 inside = self.step_in_epoch < self.steps_per_epoch  # the epoch's end evaluates and saves anyway
-                evaluate = inside and t.eval_every_steps and self.step % t.eval_every_steps == 0
+                evaluate = inside and t.eval_every_steps is not None and self._eval_due()
                 if evaluate and self.evaluate_fn is not None:
                     self._evaluate()
                 every = t.checkpoint_every_steps
@@ -293,6 +293,13 @@ class Trainer:
     def _epochs_done(self) -> float:
         """Training progress in epochs (2.5 = half-way through the third), as logged."""
         return self.epoch + self.step_in_epoch / self.steps_per_epoch
+
+    def _eval_due(self) -> bool:
+        """Every ``eval_every_steps`` steps when set, else every ``eval_every_epochs`` epochs."""
+        t = self.cfg.trainer
+        if t.eval_every_steps is not None:
+            return self.step % t.eval_every_steps == 0
+        return self.epoch % t.eval_every_epochs == 0 and self.step_in_epoch == 0
 
     def _budget_spent(self) -> bool:
         max_steps = self.cfg.trainer.max_steps
