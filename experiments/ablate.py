@@ -78,13 +78,15 @@ RTD = {
 # stage-2 overrides). Every stage 2 runs the same number of steps (--stage2-set), so "+ generated"
 # is more positives at equal compute, and "stage 2, in-batch" is the control for "+ bank": the
 # same continued training with only the batch's targets as negatives.
-SPN_GENERATE = {"w[1,50)": ["method.window=[1,50]"], "w[50,500)": ["method.window=[50,500]"],
+SPN_GENERATE = {"w[0,5)": ["method.window=[0,5]"], "w[1,50)": ["method.window=[1,50]"],
+                "w[50,500)": ["method.window=[50,500]"],
                 "w[500,5000)": ["method.window=[500,5000]"], "uniform": ["method.window=null"]}
 SPN_VARIANTS = {
     "stage 2, in-batch": (None, ["method.negatives=in_batch"]),
     "+ bank": (None, []),
     "+ generated, in-batch": ("w[1,50)", ["method.negatives=in_batch"]),
     "+ bank + generated": ("w[1,50)", []),
+    "+ bank + generated w[0,5)": ("w[0,5)", []),
     "+ bank + generated w[50,500)": ("w[50,500)", []),
     "+ bank + generated w[500,5000)": ("w[500,5000)", []),
     "+ bank + generated uniform": ("uniform", []),
@@ -327,7 +329,7 @@ def cli() -> None:
     p.add_argument("--stage1-set", nargs="*", default=[], help="extra overrides of every stage-I training")
     p.add_argument("--stage2-set", nargs="*", default=[], help="extra overrides of every stage-II training")
     p.add_argument("--spn-fraction", type=float, default=0.1, help="spn: the share of training triplets")
-    p.add_argument("--per-reference", type=int, default=5, help="spn: generated targets per reference")
+    p.add_argument("--per-reference", type=int, default=1, help="spn: generated targets per reference (SPN: 1)")
     args = p.parse_args()
     columns = ["R@1", "R@5", "R@10", "R@50", "Avg", "back R@1", "back image-only R@1"]
     if args.method == "report":

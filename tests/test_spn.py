@@ -251,6 +251,12 @@ def test_generated_triplets_load_through_the_loader_and_reach_training(tiny_shap
     # the bank holds each unique image of the original and generated triplets once
     ids = {i for q in extended.queries for i in (q.reference, q.target)}
     assert len(stage.model.bank) == len({dup[i] for i in ids})
+    rows = stage.train_data.datasets[0].rows if hasattr(stage.train_data, "datasets") else stage.train_data.rows
+    bank_row = stage.model.bank_row
+    copies = [(i, j) for i in ids for j in ids if i < j and dup[i] == dup[j]]
+    assert copies  # tiny shapes has pixel-identical renders, and each pair shares its bank row
+    assert all(bank_row[rows[i]] == bank_row[rows[j]] for i, j in copies)
+    assert len({int(bank_row[rows[i]]) for i in ids}) == len(stage.model.bank)
 
     bad = root / "captions" / "bad.json"
     bad.write_text(json.dumps([{**records[0], "target_hard": "no-such-image"}]))
