@@ -330,8 +330,10 @@ def cli() -> None:
     p.add_argument("--stage2-set", nargs="*", default=[], help="extra overrides of every stage-II training")
     p.add_argument("--spn-fraction", type=float, default=0.1, help="spn: the share of training triplets")
     p.add_argument("--per-reference", type=int, default=1, help="spn: generated targets per reference (SPN: 1)")
+    p.add_argument("--columns", nargs="+", default=["R@1", "R@5", "R@10", "R@50", "Avg", "back R@1",
+                                                     "back image-only R@1"], help="the table's metrics")
     args = p.parse_args()
-    columns = ["R@1", "R@5", "R@10", "R@50", "Avg", "back R@1", "back image-only R@1"]
+    columns = args.columns
     if args.method == "report":
         print(report(args.path, args.plot, columns))
         return
