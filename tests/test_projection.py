@@ -260,3 +260,78 @@ def test_an_rtd_model_writes_a_valid_circo_submission(composer, tmp_path):
     assert set(ranked) == {"5", "6"} and all(len(v) == 10 for v in ranked.values())
     meta, read = read_predictions(files[0], ["5", "6"])
     assert read == {q: [str(i) for i in ids] for q, ids in ranked.items()}
+
+
+def _official_pic2word(embed_dim: int, token_dim: int) -> torch.nn.Module:
+    """The layout of Pic2Word's IM2TEXT (n_layer 2): blocks of [Linear, Dropout, ReLU] then fc_out."""
+    from torch import nn
+
+    model = nn.Module()
+    model.layers = nn.Sequential(*(nn.Sequential(nn.Linear(d, 512), nn.Dropout(0.1), nn.ReLU()) for d in (embed_dim, 512)))
+    model.fc_out = nn.Linear(512, token_dim)
+    model.forward = lambda x: model.fc_out(model.layers(x))
+    return model
+
+
+def test_official_phi_and_rtd_checkpoints_import_as_a_projection_model(tmp_path):
+    from cirlab.composers.convert import convert_projection, main
+    from cirlab.models import save_backbone
+
+    torch.manual_seed(0)
+    clip = build_small_clip(**TINY).eval()
+    clip_dir = save_backbone(clip, tmp_path / "clip")
+    x = torch.randn(3, clip.embed_dim)
+    # Pic2Word: DistributedDataParallel names under "state_dict_img2text", next to other entries
+    p2w = _official_pic2word(clip.embed_dim, clip.token_dim).eval()
+    torch.save({"epoch": 30, "state_dict_img2text": {f"module.{k}": v for k, v in p2w.state_dict().items()}},
+               tmp_path / "p2w.pt")
+    model = cirlab.load(convert_projection(tmp_path / "p2w.pt", clip_dir, tmp_path / "p2w"))
+    assert isinstance(model, ProjectionComposer) and model.phi.style == "pic2word"
+    with torch.no_grad():
+        assert torch.allclose(model.pseudo_words(x), p2w.forward(x), atol=1e-6)
+    # LinCIR / RTD's --phi_checkpoint: {"Phi": state} of Linear-GELU-Dropout x 2, Linear; plus an
+    # RTD text encoder, {"CLIPTextModelWithProjection": state}, that replaces the text side only
+    lincir = Phi("searle", clip.embed_dim, clip.token_dim).eval()
+    torch.save({"Phi": lincir.state_dict()}, tmp_path / "phi_best.pt")
+    tuned = build_small_clip(**TINY).eval()  # another init: a text encoder unlike the folder's
+    text_state = {k: v for k, v in tuned.model.state_dict().items() if k.startswith(("text_model.", "text_projection."))}
+    torch.save({"CLIPTextModelWithProjection": text_state}, tmp_path / "text_encoder_best.pt")
+    assert main([str(tmp_path / "phi_best.pt"), "--clip", str(clip_dir), "--out", str(tmp_path / "rtd"),
+                 "--text-encoder", str(tmp_path / "text_encoder_best.pt")]) == 0
+    model = cirlab.load(tmp_path / "rtd")
+    assert model.phi.style == "searle" and (model.recipe.caption_orders, model.recipe.transform) == ("both", "resize")
+    enc = clip.tokenize(["a red square"])
+    with torch.no_grad():
+        assert torch.allclose(model.pseudo_words(x), lincir(x), atol=1e-6)
+        assert torch.allclose(model.backbone.encode_text(enc.input_ids, enc.attention_mask),
+                              tuned.encode_text(enc.input_ids, enc.attention_mask), atol=1e-5)
+    image_side = [k for k in clip.model.state_dict() if k.startswith(("vision_model.", "visual_projection."))]
+    assert image_side and all(torch.equal(model.backbone.model.state_dict()[k], clip.model.state_dict()[k])
+                              for k in image_side)
+    # bad input names the file and writes nothing
+    torch.save({"Phi": {"layers.0.weight": torch.zeros(2, 2)}}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="odd.pt: neither a Pic2Word"):
+        convert_projection(tmp_path / "odd.pt", clip_dir, tmp_path / "odd")
+    torch.save({"CLIPTextModelWithProjection": {"text_projection.weight": torch.zeros(1)}}, tmp_path / "bad_text.pt")
+    with pytest.raises(ValueError, match="bad_text.pt: not this CLIP's text encoder"):
+        convert_projection(tmp_path / "phi_best.pt", clip_dir, tmp_path / "bad", tmp_path / "bad_text.pt")
+    assert not (tmp_path / "odd").exists() and not (tmp_path / "bad").exists()
+
+
+def test_lincir_reads_a_caption_corpus_outside_shapes(tmp_path):
+    from cirlab.config import load_config
+    from cirlab.config import CONFIG_ROOT
+    from cirlab.data.text_triplets import read_captions
+    from cirlab.methods.projection import training_captions
+
+    (tmp_path / "c.txt").write_text("a dog on a sofa\n\n  a red car \na dog on a sofa\n")
+    (tmp_path / "c.json").write_text(json.dumps(["a dog on a sofa", "a red car"]))
+    assert read_captions(tmp_path / "c.txt") == read_captions(tmp_path / "c.json") == ["a dog on a sofa", "a red car"]
+    (tmp_path / "bad.json").write_text(json.dumps(["a dog", 3]))
+    with pytest.raises(ValueError, match="bad.json: entry 1 is a int"):
+        read_captions(tmp_path / "bad.json")
+    cfg = load_config(CONFIG_ROOT / "projection" / "cirr_lincir.yaml", [f"method.captions={tmp_path / 'c.txt'}"])
+    assert training_captions(cfg, cfg.method) == ["a dog on a sofa", "a red car"]
+    with pytest.raises(ValueError, match="method.captions: LinCIR-style Phi training needs a caption corpus"):
+        cfg = load_config(CONFIG_ROOT / "projection" / "cirr_lincir.yaml", ["method.captions=null"])
+        training_captions(cfg, cfg.method)

@@ -9,6 +9,8 @@ whose keywords are masked. Triplet sources:
 * :func:`read_triplets`: a JSON list with ``reference_caption``, ``conditioning_caption``,
   ``target_caption`` (the CompoDiff-style file the official RTD code reads).
 
+:func:`read_captions` reads a caption corpus, LinCIR's training text outside shapes.
+
 Keywords (:func:`keyword_spans`): LinCIR takes spaCy's maximal runs of NOUN / PROPN / ADJ / DET
 tokens. spaCy's English model is not an official PyPI package, so it is used when importable
 and otherwise a lexicon heuristic stands in: a word is a keyword word unless it is a closed-class
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cirlab.data.base import CIRSplit, field, read_records
+from cirlab.utils.io import read_json
 from cirlab.data.shapes.scene import COLOURS, POSITIONS, SHAPES, SIZES
 
 MARKER = "$"
@@ -96,6 +99,28 @@ def read_triplets(path: str | Path) -> list[TextTriplet]:
     return [TextTriplet(*(field(r, k, path, i, str) for k in ("reference_caption", "conditioning_caption",
                                                                  "target_caption")))
             for i, r in enumerate(records)]
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """A caption corpus (LinCIR's Phi training text): a JSON list of strings (``.json``) or one
+    caption per line; blank lines are skipped and repeats kept once, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption corpus not found: {path}")
+    if path.suffix == ".json":
+        data = read_json(path, "caption corpus")
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of captions, got {type(data).__name__}")
+        bad = next((i for i, c in enumerate(data) if not isinstance(c, str)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: entry {bad} is a {type(data[bad]).__name__}, expected a caption string")
+        captions = [c.strip() for c in data]
+    else:
+        captions = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    captions = list(dict.fromkeys(c for c in captions if c))
+    if not captions:
+        raise ValueError(f"{path}: no captions")
+    return captions
 
 
 # -- keywords (LinCIR's masking) -------------------------------------------------------------------

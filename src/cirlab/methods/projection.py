@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 from cirlab.composers import ProjectionComposer, QueryRecipe, load
 from cirlab.composers.projection import MARKER
 from cirlab.config import ExperimentConfig, Strict
-from cirlab.data.text_triplets import TextTriplet, clean_caption, mask_keywords, read_triplets, rule_triplets, \
-    shapes_triplets
+from cirlab.data.text_triplets import TextTriplet, clean_caption, mask_keywords, read_captions, read_triplets, \
+    rule_triplets, shapes_triplets
 from cirlab.methods.common import (Stage, composer_stage, image_table, stage_backbone, stage_config,
                                    training_splits)
 from cirlab.models.clip import ClipBackbone
@@ -57,6 +57,8 @@ class PhiConfig(ProjectionConfig):
                                                  "lexicon heuristic (cirlab.data.text_triplets)")
     logit_scale: float | None = Field(None, description="pic2word: the InfoNCE scale (default: the CLIP "
                                       "backbone's own, frozen)")
+    captions: str | None = Field(None, description="lincir: a caption corpus, one caption per line (.txt) or a "
+                                 "JSON list of strings; default: the shapes training scenes' captions")
 
 
 class RtdConfig(ProjectionConfig):
@@ -214,22 +216,24 @@ def build(cfg: ExperimentConfig) -> Stage:
         raise ValueError("method projection: needs a CLIP backbone (model.kind: clip)")
     phi = Phi("pic2word" if pcfg.style == "pic2word" else "searle", backbone.embed_dim, backbone.token_dim)
     composer = ProjectionComposer(backbone, recipe, phi)
-    splits = training_splits(cfg)
     if pcfg.style == "pic2word":
-        table, rows = image_table(backbone, splits, cfg)
+        table, rows = image_table(backbone, training_splits(cfg), cfg)
         model = PhiStage(composer, pcfg, table["embeds"])
         data = Items([{"row": r} for r in sorted(set(rows.values()))])
     else:
         model = PhiStage(composer, pcfg)
-        data = Items([{"caption": c} for c in training_captions(cfg, splits)])
+        data = Items([{"caption": c} for c in training_captions(cfg, pcfg)])
     return composer_stage(cfg, model, data, lambda m: m.composer, param_groups=[{"params": list(phi.parameters())}])
 
 
-def training_captions(cfg: ExperimentConfig, splits) -> list[str]:
-    """LinCIR's training text: on shapes the scene captions of the training images."""
+def training_captions(cfg: ExperimentConfig, pcfg: PhiConfig) -> list[str]:
+    """LinCIR's training text: ``method.captions`` (LinCIR: CC3M captions and SD / Midjourney
+    prompts), else the shapes training scenes' captions. Unique, in a fixed order."""
+    if pcfg.captions is not None:
+        return read_captions(pcfg.captions)
     if cfg.data.dataset != "shapes":
-        raise ValueError("method projection style lincir: training captions come from shapes scene captions only "
-                         "for now (real caption corpora are not bundled)")
+        raise ValueError("method.captions: LinCIR-style Phi training needs a caption corpus (a .txt file, one "
+                         "caption per line, or a JSON list) outside shapes")
     from cirlab.methods.pretrain import scene_captions
 
     return sorted(set(scene_captions(cfg.data.root, cfg.data.train_split).values()))
