@@ -111,3 +111,25 @@ def test_training_losses_score_query_i_against_target_j_with_the_target_as_label
     assert torch.allclose(out["loss_in_batch"], torch.nn.functional.cross_entropy(pairs, torch.arange(3)), atol=1e-5)
     assert not torch.allclose(out["loss_in_batch"], torch.nn.functional.cross_entropy(pairs.T, torch.arange(3)), atol=1e-5)
     assert torch.allclose(out["loss_topk"], torch.nn.functional.cross_entropy(lists, batch["label"]), atol=1e-5)
+
+
+def test_the_filter_loss_takes_fp32_cosines_under_bf16_autocast(tiny_shapes, tiny_pretrained_blip):
+    """One-edit siblings differ by less than bf16's ~3 digits of cosine: the filter's logits must be
+    computed in fp32 from its projections, as pretraining's ITC is (a bf16 matmul rounds them)."""
+    cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_filter.yaml",
+                      [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}"])
+    stage = rerank.build(cfg)
+    model = stage.model.eval()
+    batch = torch.utils.data.default_collate([stage.train_data[i] for i in range(16)])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.training_step(batch)["loss"]
+        states, _, _ = grounded_states(model.backbone, batch["text"], model.tokens[batch["reference"]],
+                                       cfg.method.max_text_length)
+        query = model.backbone.text_proj(states[:, 0]).float()
+        cls = model.tokens.first()[batch["target"]][:, 0]
+        target = model.backbone.vision_proj(cls.to(model.backbone.dtype)).float()
+    q, t = (torch.nn.functional.normalize(x, dim=-1) for x in (query, target))
+    direct = torch.nn.functional.cross_entropy((q @ t.T) / model.temp.detach(), torch.arange(16))
+    rounded = torch.nn.functional.cross_entropy((q.bfloat16() @ t.bfloat16().T).float() / model.temp.detach(),
+                                                torch.arange(16))
+    assert torch.allclose(loss, direct, atol=1e-5) and not torch.allclose(loss, rounded, atol=1e-5)

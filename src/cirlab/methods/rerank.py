@@ -90,10 +90,13 @@ class FilterStage(nn.Module):
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         states, _, _ = grounded_states(self.backbone, batch["text"], self.tokens[batch["reference"]],
                                        self.cfg.max_text_length)
-        query = torch.nn.functional.normalize(self.backbone.text_proj(states[:, 0]), dim=-1)
+        query = torch.nn.functional.normalize(self.backbone.text_proj(states[:, 0]).float(), dim=-1)
         cls = self.tokens.first()[batch["target"]][:, 0]
-        target = torch.nn.functional.normalize(self.backbone.vision_proj(cls.to(self.backbone.dtype)), dim=-1)
-        loss = diagonal_ce(query @ target.T / self.temp)
+        target = torch.nn.functional.normalize(self.backbone.vision_proj(cls.to(self.backbone.dtype)).float(), dim=-1)
+        # cosines in fp32, as pretraining's ITC: under bf16 autocast the matmul would round them to
+        # about 3 digits, the size of the gaps between one-edit siblings
+        with torch.autocast(query.device.type, enabled=False):
+            loss = diagonal_ce(query @ target.T / self.temp)
         return {"loss": loss, "temp": self.temp.detach()}
 
 
