@@ -24,8 +24,6 @@ Usage: ``python -m cirlab.composers.convert phi_best.pt --clip checkpoints/clip-
 from __future__ import annotations
 
 import argparse
-import pickle
-import sys
 from pathlib import Path
 from typing import get_args
 
@@ -34,6 +32,7 @@ import torch
 from cirlab.data.transforms import TransformKind
 from cirlab.models import load_backbone
 from cirlab.models.clip import ClipBackbone
+from cirlab.models.convert import read_checkpoint, run_converter
 from cirlab.models.phi import Phi
 
 from .base import QueryRecipe
@@ -44,16 +43,6 @@ _WRAPPERS = ("state_dict_img2text", "Phi", "phi", "state_dict")
 # Pic2Word's IM2TEXT names -> our Phi("pic2word") Sequential (Linear, Dropout, ReLU) x 2, Linear
 _PIC2WORD = {"layers.0.0": "layers.0", "layers.1.0": "layers.3", "fc_out": "layers.6"}
 _TEXT_PREFIXES = ("text_model.", "text_projection.")
-
-
-def _read(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: holds more than tensors ({err}); if you trust the file, re-save its weights "
-                         "with torch.save(torch.load(path, weights_only=False)[key], 'weights.pt')") from None
 
 
 def _unwrap(checkpoint: dict, path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -70,7 +59,7 @@ def _unwrap(checkpoint: dict, path: Path, keys: tuple[str, ...]) -> dict[str, to
 def read_official_phi(path: str | Path) -> Phi:
     """A Pic2Word or SEARLE/LinCIR Phi from its official checkpoint; the style is read off the keys."""
     path = Path(path)
-    state = _unwrap(_read(path, "Phi checkpoint"), path, _WRAPPERS)
+    state = _unwrap(read_checkpoint(path, "Phi checkpoint", "state_dict_img2text"), path, _WRAPPERS)
     if "fc_out.weight" in state:
         style, renamed = "pic2word", {}
         for name, tensor in state.items():
@@ -96,7 +85,8 @@ def read_official_phi(path: str | Path) -> Phi:
 def load_text_encoder(backbone: ClipBackbone, path: str | Path) -> None:
     """Replace the text tower and projection of ``backbone`` by an RTD ``text_encoder_best.pt``."""
     path = Path(path)
-    state = _unwrap(_read(path, "text encoder checkpoint"), path, ("CLIPTextModelWithProjection",))
+    state = _unwrap(read_checkpoint(path, "text encoder checkpoint", "CLIPTextModelWithProjection"), path,
+                    ("CLIPTextModelWithProjection",))
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
     expected = {k for k in backbone.model.state_dict() if k.startswith(_TEXT_PREFIXES) and not k.endswith("position_ids")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -137,12 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transform", default="resize", choices=get_args(TransformKind),
                         help="image preprocessing (default: resize, CLIP's)")
     args = parser.parse_args(argv)
-    try:
-        print(convert_projection(args.phi, args.clip, args.out, args.text_encoder, args.prompt, args.transform))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_converter(lambda: convert_projection(args.phi, args.clip, args.out, args.text_encoder, args.prompt,
+                                                    args.transform))
 
 
 if __name__ == "__main__":

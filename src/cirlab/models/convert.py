@@ -20,6 +20,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -87,21 +88,37 @@ def blip_config_from_state(state: dict[str, torch.Tensor], image_size: int) -> B
     return BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=state["vision_proj.weight"].shape[0])
 
 
+def read_checkpoint(path: Path, what: str, key: str) -> dict:
+    """An official checkpoint, loaded without running its pickled code (``weights_only``); the
+    error of a file that holds more says how to re-save the weights under ``key``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: holds more than tensors ({err}); if you trust the file, re-save only its weights with "
+            f"torch.save(torch.load(src, weights_only=False)['{key}'], 'weights.pth') and convert that"
+        ) from None
+
+
+def run_converter(convert: Callable[[], Path]) -> int:
+    """A converter's command-line exit: print the folder written, or the error (1)."""
+    try:
+        print(convert())
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def convert_blip_checkpoint(src: str | Path, out_dir: str | Path, image_size: int = 384) -> Path:
     """Write ``src`` (an original BLIP .pth) as a backbone folder loadable by ``load_backbone``.
 
     The tokenizer is the bundled BERT-uncased WordPiece plus [DEC]/[ENC] (ids 30522/30523), i.e.
     BLIP's own bert-base-uncased tokenizer."""
     src = Path(src)
-    if not src.is_file():
-        raise FileNotFoundError(f"BLIP checkpoint not found: {src}")
-    try:
-        checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{src}: holds more than tensors ({err}); if you trust the file, re-save only its weights with "
-            "torch.save(torch.load(src, weights_only=False)['model'], 'weights.pth') and convert that"
-        ) from None
+    checkpoint = read_checkpoint(src, "BLIP checkpoint", "model")
     state = checkpoint.get("model", checkpoint)
     config = blip_config_from_state(state, image_size)
     model = BlipForImageTextRetrieval(config)
@@ -132,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="backbone folder to write")
     parser.add_argument("--image-size", type=int, default=384)
     args = parser.parse_args(argv)
-    try:
-        print(convert_blip_checkpoint(args.checkpoint, args.out_dir, args.image_size))
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_converter(lambda: convert_blip_checkpoint(args.checkpoint, args.out_dir, args.image_size))
 
 
 if __name__ == "__main__":
