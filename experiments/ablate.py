@@ -58,6 +58,7 @@ RERANKERS = {
     "filter init, topk": ["method.residual=false"],
     "filter init, mixed, residual": ["method.loss=mixed"],
     "filter init, in_batch, residual": ["method.loss=in_batch"],
+    "filter init, topk, residual, difference": ["method.candidate_input=difference"],
 }
 
 # Projection bases (Phi trained here) and RTD variants over them: name -> (base, overrides).

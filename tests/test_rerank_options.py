@@ -2,8 +2,10 @@
 stage I's order exactly, listwise hard candidates whose label points at the target, and gradients
 that reach the re-ranker through both losses."""
 
+import pytest
 import torch
 
+import cirlab
 from cirlab.composers import GroundedComposer, QueryRecipe, RerankComposer
 from cirlab.composers.grounded import grounded_states
 from cirlab.config import CONFIG_ROOT, load_config
@@ -84,13 +86,18 @@ def test_an_oracle_reranker_lifts_exactly_the_targets_inside_the_top_k(tiny_shap
     assert result.metrics["rerank@5"]["R@1"] == filt.metrics["filter"]["R@5"] > result.metrics["stage1"]["R@1"]
 
 
-def test_training_losses_score_query_i_against_target_j_with_the_target_as_label(tiny_shapes, tiny_pretrained_blip):
+@pytest.mark.parametrize("candidate_input", ["image", "difference"])
+def test_training_losses_score_query_i_against_target_j_with_the_target_as_label(tiny_shapes, tiny_pretrained_blip,
+                                                                                 candidate_input):
     """Both re-ranker losses against a direct loop over (query, candidate) pairs with ``score``:
     in-batch, row i holds query i against every target and its label is i; listwise, row i holds
-    query i's candidates and the label is the target's position. A transposed layout differs."""
+    query i's candidates and the label is the target's position. A transposed layout differs.
+    With ``candidate_input: difference`` pair (i, j) reads candidate j's tokens minus query i's
+    reference tokens."""
     cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml",
                       [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}", "method.reranker_init=null",
-                       "method.loss=mixed", "method.train_k=4", "method.residual=false"])
+                       "method.loss=mixed", "method.train_k=4", "method.residual=false",
+                       f"method.candidate_input={candidate_input}"])
     stage = rerank.build(cfg)
     model = stage.model.eval()
     torch.manual_seed(0)
@@ -104,7 +111,10 @@ def test_training_losses_score_query_i_against_target_j_with_the_target_as_label
         tok = model.tokens
 
         def score(i, row):
-            return model.reranker.score(z_t[i:i + 1], ids[i:i + 1], mask[i:i + 1], tok[torch.tensor([row])])[0]
+            cand = tok[torch.tensor([row])]
+            if candidate_input == "difference":
+                cand = cand - tok[batch["reference"][i:i + 1]]
+            return model.reranker.score(z_t[i:i + 1], ids[i:i + 1], mask[i:i + 1], cand)[0]
 
         pairs = torch.stack([torch.stack([score(i, int(t)) for t in batch["target"]]) for i in range(3)])
         lists = torch.stack([torch.stack([score(i, int(c)) for c in batch["candidates"][i]]) for i in range(3)])
@@ -133,3 +143,33 @@ def test_the_filter_loss_takes_fp32_cosines_under_bf16_autocast(tiny_shapes, tin
     rounded = torch.nn.functional.cross_entropy((q.bfloat16() @ t.bfloat16().T).float() / model.temp.detach(),
                                                 torch.arange(16))
     assert torch.allclose(loss, direct, atol=1e-5) and not torch.allclose(loss, rounded, atol=1e-5)
+
+
+def test_a_difference_reranker_reads_candidate_minus_reference_and_keeps_its_mode_on_save(
+        tiny_shapes, tiny_pretrained_blip, tmp_path):
+    """The composer's re-ranking scores with ``candidate_input="difference"`` are the re-ranker's
+    scores on (candidate tokens - reference tokens), not on the candidate tokens; the mode survives
+    save and load."""
+    blip = load_backbone(tiny_pretrained_blip)
+    reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id).eval()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(reranker.cls_head[-1].weight, std=1.0)
+    composer = RerankComposer(blip, QueryRecipe(), reranker, k=5, candidate_input="difference").eval()
+    split = load_split("shapes", tiny_shapes, "val")
+    feats = split_features(composer, split)
+    tokens = feats["tokens"]
+    qs = split.queries[:3]
+    refs = torch.stack([tokens[feats.index_of(q.reference)] for q in qs]).float()
+    cands = torch.stack([torch.stack([tokens[feats.index_of(g)] for g in split.gallery[:4]]) for _ in qs]).float()
+    texts = [q.captions[0] for q in qs]
+    scores = composer.rerank(refs, texts, cands)
+    with torch.no_grad():
+        z_t, ids, mask = composer.grounded_states(refs, texts)
+        direct = reranker.topk_scores(z_t, ids, mask, cands - refs[:, None])
+        plain = reranker.topk_scores(z_t, ids, mask, cands)
+    assert torch.allclose(scores, direct, atol=1e-5) and not torch.allclose(scores, plain, atol=1e-3)
+    loaded = cirlab.load(composer.save(tmp_path / "model"))
+    assert loaded.candidate_input == "difference"
+    assert torch.allclose(loaded.rerank(refs, texts, cands), scores, atol=1e-5)
+    with pytest.raises(ValueError, match="candidate_input"):
+        RerankComposer(blip, QueryRecipe(), reranker, candidate_input="sum")

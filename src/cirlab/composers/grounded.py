@@ -7,12 +7,15 @@ Retrieval with Dual Multi-modal Encoder"; official code: Cuberick-Orion/Candidat
   trains ``vision_proj`` over a frozen ViT.
 * ``rerank`` (stage II): the filter ranks the whole gallery, then a
   :class:`~cirlab.models.dual_encoder.DualEncoderReranker` re-scores each query's top ``k`` from
-  (z_t, text, candidate tokens), z_t being the filter's grounded last hidden state.
+  (z_t, text, candidate tokens), z_t being the filter's grounded last hidden state. With
+  ``candidate_input="difference"`` (an option beyond the paper) the re-ranker reads each
+  candidate's tokens minus the reference's, position by position: what changed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +72,19 @@ class GroundedComposer(Composer):
         return [*self.backbone.text_encoder.parameters(), *self.backbone.text_proj.parameters()]
 
 
+CandidateInput = Literal["image", "difference"]
+
+
+def candidate_tokens(candidates: torch.Tensor, references: torch.Tensor, mode: CandidateInput) -> torch.Tensor:
+    """What the re-ranker's cross-attention reads for each candidate: its image tokens (the paper's
+    design) or, for ``"difference"``, its tokens minus its query's reference tokens, position by
+    position. ``candidates`` (Q, C, L, h) or (Q, L, h) against ``references`` (Q, L, h)."""
+    if mode == "image":
+        return candidates
+    refs = references.to(candidates.device, candidates.dtype)
+    return candidates - (refs[:, None] if candidates.dim() == refs.dim() + 1 else refs)
+
+
 @register
 class RerankComposer(GroundedComposer):
     """The filter's vectors for the first stage, plus :meth:`rerank` over its top ``k``."""
@@ -77,7 +93,7 @@ class RerankComposer(GroundedComposer):
     heads = ("reranker",)
 
     def __init__(self, backbone: Backbone, recipe: QueryRecipe, reranker: DualEncoderReranker, k: int = 50,
-                 chunk_size: int = 256, residual_scale: float | None = None):
+                 chunk_size: int = 256, residual_scale: float | None = None, candidate_input: CandidateInput = "image"):
         super().__init__(backbone, recipe)
         if k < 1:
             raise ValueError(f"re-ranking depth k must be >= 1, got {k}")
@@ -85,6 +101,9 @@ class RerankComposer(GroundedComposer):
         # residual score: residual_scale x stage-I cosine + the re-ranker's logit; a head trained
         # from zero then starts from stage I's order and moves it only where it has learned to
         self.residual_scale = residual_scale
+        if candidate_input not in ("image", "difference"):
+            raise ValueError(f"candidate_input must be 'image' or 'difference', got {candidate_input!r}")
+        self.candidate_input = candidate_input
 
     @property
     def name(self) -> str:
@@ -97,9 +116,10 @@ class RerankComposer(GroundedComposer):
         (Q, L, h) and raw texts, against its own candidates' cached tokens (Q, C, L, h);
         ``stage1`` (Q, C): the candidates' stage-I cosines, needed by a residual re-ranker."""
         with evaluating(self):
-            z_t, ids, mask = self.grounded_states(references.to(self.device), texts)
-            scores = self.reranker.topk_scores(z_t, ids, mask, candidates.to(self.device),
-                                               chunk_size=self.chunk_size).float()
+            references = references.to(self.device)
+            z_t, ids, mask = self.grounded_states(references, texts)
+            cand = candidate_tokens(candidates.to(self.device), references, self.candidate_input)
+            scores = self.reranker.topk_scores(z_t, ids, mask, cand, chunk_size=self.chunk_size).float()
             return self.residual(scores, stage1)
 
     def residual(self, scores: torch.Tensor, stage1: torch.Tensor | None) -> torch.Tensor:
@@ -114,7 +134,8 @@ class RerankComposer(GroundedComposer):
         return list(self.reranker.parameters())
 
     def config(self) -> dict:
-        return {"k": self.k, "chunk_size": self.chunk_size, "residual_scale": self.residual_scale}
+        return {"k": self.k, "chunk_size": self.chunk_size, "residual_scale": self.residual_scale,
+                "candidate_input": self.candidate_input}
 
     def save_heads(self, folder: Path, fingerprint: str) -> None:
         save_reranker(self.reranker, folder / "reranker", backbone=fingerprint)

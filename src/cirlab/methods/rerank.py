@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from cirlab.composers import GroundedComposer, RerankComposer
-from cirlab.composers.grounded import grounded_states
+from cirlab.composers.grounded import candidate_tokens, grounded_states
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
@@ -67,6 +67,9 @@ class RerankerConfig(RerankConfig):
     train_k: int = Field(16, ge=2, description="topk/mixed: candidates per training query, the target among them")
     residual: bool = Field(False, description="score = residual_scale x stage-I cosine + a head initialised to 0")
     residual_scale: float = Field(1 / 0.07, gt=0, description="residual: the stage-I cosine as a logit")
+    candidate_input: Literal["image", "difference"] = Field(
+        "image", description="what the re-ranker cross-attends to: the candidate's image tokens (official) or "
+        "the candidate's tokens minus the reference's (what changed)")
 
 
 CONFIGS = {"filter": FilterConfig, "reranker": RerankerConfig}
@@ -126,12 +129,17 @@ class RerankerStage(nn.Module):
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         self.filter.train(cfg.stage1_train_mode)
+        refs = self.tokens[batch["reference"]]
         with torch.no_grad():
-            z_t, ids, mask = grounded_states(self.filter, batch["text"], self.tokens[batch["reference"]],
-                                             cfg.max_text_length)
+            z_t, ids, mask = grounded_states(self.filter, batch["text"], refs, cfg.max_text_length)
         out: dict[str, torch.Tensor] = {}
         if cfg.loss in ("in_batch", "mixed"):
-            scores = self.reranker.pair_scores(z_t, ids, mask, self.tokens[batch["target"]], chunk_size=cfg.chunk_size)
+            targets = self.tokens[batch["target"]]
+            if cfg.candidate_input == "image":  # each target's keys/values projected once for all B queries
+                scores = self.reranker.pair_scores(z_t, ids, mask, targets, chunk_size=cfg.chunk_size)
+            else:  # pair (i, j) reads target j minus reference i: B x B distinct token sets
+                pairs = candidate_tokens(targets[None].expand(len(targets), -1, -1, -1), refs, cfg.candidate_input)
+                scores = self.reranker.topk_scores(z_t, ids, mask, pairs, chunk_size=cfg.chunk_size)
             if cfg.residual:
                 with torch.no_grad():
                     stage1 = self._stage1(z_t, batch["target"])
@@ -139,7 +147,8 @@ class RerankerStage(nn.Module):
             out["loss_in_batch"] = diagonal_ce(scores)
         if cfg.loss in ("topk", "mixed"):
             cand = batch["candidates"]
-            scores = self.reranker.topk_scores(z_t, ids, mask, self.tokens[cand], chunk_size=cfg.chunk_size)
+            scores = self.reranker.topk_scores(z_t, ids, mask, candidate_tokens(self.tokens[cand], refs, cfg.candidate_input),
+                                               chunk_size=cfg.chunk_size)
             if cfg.residual:
                 with torch.no_grad():
                     stage1 = self._stage1(z_t, cand)
@@ -243,5 +252,5 @@ def build(cfg: ExperimentConfig) -> Stage:
     scale = rcfg.residual_scale if rcfg.residual else None
     return composer_stage(cfg, model, train_data,
                           lambda m: RerankComposer(m.filter, recipe, m.reranker, k=rcfg.k, chunk_size=rcfg.chunk_size,
-                                                   residual_scale=scale),
+                                                   residual_scale=scale, candidate_input=rcfg.candidate_input),
                           max_queries=rcfg.eval_queries)
