@@ -51,14 +51,17 @@ BI_STAGE2 = {
     "stage II forward": ("bi w=0.4", ["method.reverse_weight=0"]),
     "stage II bi w=0.5": ("bi w=0.4", ["method.reverse_weight=0.5"]),
 }
-# Re-ranker variants over each seed's filter; the shapes config's default is "filter init, topk, residual".
+# Re-ranker variants over each seed's filter; the shapes config's default is "filter init, topk, residual,
+# difference". The other rows give the re-ranker the candidate's own tokens, as the paper does.
+IMAGE = "method.candidate_input=image"
 RERANKERS = {
-    "filter init, topk, residual": [],
-    "official": ["method.reranker_init=@backbone", "method.loss=in_batch", "method.residual=false"],
-    "filter init, topk": ["method.residual=false"],
-    "filter init, mixed, residual": ["method.loss=mixed"],
-    "filter init, in_batch, residual": ["method.loss=in_batch"],
-    "filter init, topk, residual, difference": ["method.candidate_input=difference"],
+    "filter init, topk, residual, difference": [],
+    "filter init, topk, residual": [IMAGE],
+    "official": ["method.reranker_init=@backbone", "method.loss=in_batch", "method.residual=false", IMAGE],
+    "filter init, topk": ["method.residual=false", IMAGE],
+    "filter init, mixed, residual": ["method.loss=mixed", IMAGE],
+    "filter init, in_batch, residual": ["method.loss=in_batch", IMAGE],
+    "filter init, topk, difference": ["method.residual=false"],
 }
 
 # Projection bases (Phi trained here) and RTD variants over them: name -> (base, overrides).
