@@ -15,7 +15,7 @@ Retrieval with Dual Multi-modal Encoder"; official code: Cuberick-Orion/Candidat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +101,8 @@ class RerankComposer(GroundedComposer):
         # residual score: residual_scale x stage-I cosine + the re-ranker's logit; a head trained
         # from zero then starts from stage I's order and moves it only where it has learned to
         self.residual_scale = residual_scale
-        if candidate_input not in ("image", "difference"):
-            raise ValueError(f"candidate_input must be 'image' or 'difference', got {candidate_input!r}")
+        if candidate_input not in get_args(CandidateInput):
+            raise ValueError(f"candidate_input must be one of {get_args(CandidateInput)}, got {candidate_input!r}")
         self.candidate_input = candidate_input
 
     @property

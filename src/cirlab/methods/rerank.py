@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from cirlab.composers import GroundedComposer, RerankComposer
-from cirlab.composers.grounded import candidate_tokens, grounded_states
+from cirlab.composers.grounded import CandidateInput, candidate_tokens, grounded_states
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
@@ -67,7 +67,7 @@ class RerankerConfig(RerankConfig):
     train_k: int = Field(16, ge=2, description="topk/mixed: candidates per training query, the target among them")
     residual: bool = Field(False, description="score = residual_scale x stage-I cosine + a head initialised to 0")
     residual_scale: float = Field(1 / 0.07, gt=0, description="residual: the stage-I cosine as a logit")
-    candidate_input: Literal["image", "difference"] = Field(
+    candidate_input: CandidateInput = Field(
         "image", description="what the re-ranker cross-attends to: the candidate's image tokens (official) or "
         "the candidate's tokens minus the reference's (what changed)")
 
