@@ -173,3 +173,8 @@ def test_a_difference_reranker_reads_candidate_minus_reference_and_keeps_its_mod
     assert torch.allclose(loaded.rerank(refs, texts, cands), scores, atol=1e-5)
     with pytest.raises(ValueError, match="candidate_input"):
         RerankComposer(blip, QueryRecipe(), reranker, candidate_input="sum")
+    # a bad mode in a saved model's composer.json: the error names the folder and the field
+    manifest = tmp_path / "model" / "composer.json"
+    manifest.write_text(manifest.read_text().replace('"difference"', '"sum"'))
+    with pytest.raises(ValueError, match=r"model: candidate_input must be one of .*got 'sum'"):
+        cirlab.load(tmp_path / "model")

@@ -277,5 +277,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Composer:
         recipe = QueryRecipe(**manifest["recipe"])
     except TypeError as e:
         raise ValueError(f"{path / MANIFEST}: field 'recipe': {e}") from None
-    composer = REGISTRY[manifest["kind"]].from_parts(backbone, recipe, path, manifest["config"], fingerprint)
+    try:
+        composer = REGISTRY[manifest["kind"]].from_parts(backbone, recipe, path, manifest["config"], fingerprint)
+    except (TypeError, ValueError) as e:  # a bad value in the manifest's config, or a head folder's own error
+        raise ValueError(f"{path}: {e}") from None
     return composer.to(device).eval()
