@@ -100,6 +100,24 @@ def test_shipped_shapes_configs_point_where_the_demo_writes():
         assert stage in source
 
 
+def test_demo_overrides_are_valid_fields_of_their_configs():
+    """A typo in the demo's per-stage `--set`s would fail only minutes into `make demo`."""
+    from cirlab.cli import demo
+
+    configs = {"pretrain": ("pretrain", "shapes_blip"), "bi-text": ("bidirectional", "shapes_text"),
+               "bi-combiner": ("bidirectional", "shapes_combiner"), "rerank-filter": ("rerank", "shapes_filter"),
+               "rerank-reranker": ("rerank", "shapes_reranker")}
+    for overrides in (demo.QUICK, demo.DEMO):
+        for stage, sets in overrides.items():
+            if stage == "synth":  # `cirlab data synth` arguments, not config fields
+                continue
+            group, name = configs[stage]
+            cfg = load_config(CONFIG_ROOT / group / f"{name}.yaml", sets)
+            assert cfg != load_config(CONFIG_ROOT / group / f"{name}.yaml"), (stage, sets)
+    reranker = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml", demo.DEMO["rerank-reranker"])
+    assert reranker.method.k == 10 and reranker.method.eval_queries == 250
+
+
 def test_no_docstring_cites_a_file_users_do_not_have():
     root = CONFIG_ROOT.parent
     for path in [*root.glob("src/**/*.py"), *root.glob("configs/**/*.yaml"), *root.glob("docs/**/*.md"),
