@@ -3,7 +3,10 @@
 For a stage-I model folder it prints: how far the two direction-token embeddings moved from their
 shared initialisation (the mean row of the vocabulary) and from each other, relative to a typical
 row; on test queries, the cosine between the forward and the backward text feature of the same
-text, and their norms (the sum query is dominated by the text when it is much longer than the image's).
+text, and their norms (the sum query is dominated by the text when it is much longer than the image's);
+and backward R@1 on test with the text scaled by alpha, normalize(normalize(T) + alpha t_backward):
+alpha = 0 is the target image alone, alpha = 1 the query stage I trained on. Where R@1 falls as
+soon as alpha > 0, the backward text moves the query away from the reference at any weight.
 
     python experiments/diagnose_direction.py --model runs/demo/bi-text/model --data runs/demo/shapes
 """
@@ -17,10 +20,39 @@ import torch
 import torch.nn.functional as F
 
 import cirlab
-from cirlab.composers import BACKWARD, FORWARD, with_direction
+from cirlab.composers import BACKWARD, FORWARD, SumComposer, with_direction
 from cirlab.data.registry import load_split
 from cirlab.data.torch_data import default_text
+from cirlab.evaluation.evaluate import reversed_split, similarity, split_features
+from cirlab.evaluation.protocols import evaluate_similarity
 from cirlab.models.tokenizer import token_id
+
+ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class ScaledBackward(SumComposer):
+    """Stage I's sum composer whose backward query weighs the text by ``alpha``."""
+
+    def __init__(self, composer: SumComposer, alpha: float):
+        super().__init__(composer.backbone, composer.recipe)
+        self.alpha = alpha
+
+    def compose(self, references: torch.Tensor, texts: list[str], *, forward: bool = True) -> torch.Tensor:
+        if forward:
+            return super().compose(references, texts)
+        return F.normalize(F.normalize(references, dim=-1) + self.alpha * self.encode_text(texts, False), dim=-1)
+
+
+@torch.no_grad()
+def backward_sweep(composer: SumComposer, split, alphas=ALPHAS) -> dict[float, float]:
+    """Backward R@1 on ``split`` at each text weight alpha."""
+    back = reversed_split(split)
+    feats = split_features(composer, back)
+    out = {}
+    for alpha in alphas:
+        scaled = ScaledBackward(composer, alpha)
+        out[alpha] = evaluate_similarity(back, similarity(scaled, back, feats, forward=False))["R@1"]
+    return out
 
 
 @torch.no_grad()
@@ -54,6 +86,9 @@ def main() -> None:
     composer = cirlab.load(args.model)
     split = load_split("shapes", args.data, "test")
     print("  ".join(f"{k} {v:.3f}" for k, v in diagnose(composer, split, args.queries).items()))
+    if isinstance(composer, SumComposer) and composer.recipe.backward_target == "normalized":
+        sweep = backward_sweep(composer, split)
+        print("backward R@1 by text weight alpha: " + "  ".join(f"{a:g}: {r:.2f}" for a, r in sweep.items()))
 
 
 if __name__ == "__main__":
