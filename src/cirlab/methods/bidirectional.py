@@ -60,6 +60,11 @@ class BiTextConfig(BiConfig):
     # reversed query: normalize(normalize(T_j) + t_i). "raw" sums the unnormalised T_j instead
     # (cirlab's earlier behaviour, kept for comparison).
     reversed_target: Literal["normalized", "raw"] = "normalized"
+    # The official reversed loss scores, for a fixed reference R_i and backward text t_i, every
+    # in-batch target T_j: the text's pull toward R_i is the same in every column, so the loss can
+    # only shorten the text (docs/methods/bidirectional.md). "references" (beyond the paper) scores
+    # the reversed query normalize(T_i) + t_i against every in-batch reference R_k instead.
+    reversed_negatives: Literal["targets", "references"] = "targets"
 
 
 class BiCombinerConfig(BiConfig):
@@ -149,7 +154,11 @@ class TextStage(nn.Module):
         if self.cfg.reverse_weight > 0:
             back = self.encode_text(batch["back_text"])
             start = F.normalize(tgt, dim=-1) if self.cfg.reversed_target == "normalized" else tgt
-            reverse = diagonal_ce(reversed_sum_logits(start, back, ref, self.cfg.logit_scale), batch["reference"])
+            if self.cfg.reversed_negatives == "targets":
+                logits = reversed_sum_logits(start, back, ref, self.cfg.logit_scale)
+            else:  # [i, k] = scale * cos(T_i + t_i, R_k); a column showing R_i's image is not a negative
+                logits = self.cfg.logit_scale * F.normalize(start + back, dim=-1) @ F.normalize(ref, dim=-1).T
+            reverse = diagonal_ce(logits, batch["reference"])
             out.update(loss=forward + self.cfg.reverse_weight * reverse, loss_reversed=reverse.detach())
         return out
 
