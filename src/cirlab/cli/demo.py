@@ -45,7 +45,7 @@ QUICK = {
                  "trainer.epochs=4", "trainer.batch_size=64", "method.eval_images=200"],
     "bi-text": ["trainer.epochs=2"],
     "rerank-filter": ["trainer.epochs=2"],
-    "rerank-reranker": ["trainer.max_steps=10", "method.eval_queries=40"],
+    "rerank-reranker": ["trainer.max_steps=10", "trainer.batch_size=4", "method.eval_queries=40"],  # few lists: see above
 }
 
 
