@@ -23,36 +23,35 @@ import cirlab
 from cirlab.composers import BACKWARD, FORWARD, SumComposer, with_direction
 from cirlab.data.registry import load_split
 from cirlab.data.torch_data import default_text
-from cirlab.evaluation.evaluate import reversed_split, similarity, split_features
+from cirlab.evaluation.evaluate import gallery_vectors, query_vectors, reversed_split, split_features
 from cirlab.evaluation.protocols import evaluate_similarity
 from cirlab.models.tokenizer import token_id
+from cirlab.retrieval.similarity import dot_similarity
 
 ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-class ScaledBackward(SumComposer):
-    """Stage I's sum composer whose backward query weighs the text by ``alpha``."""
+class BackwardParts(SumComposer):
+    """Stage I's sum composer whose backward "query" is its two parts side by side,
+    [normalize(T), t_backward], so that a sweep encodes every text once."""
 
-    def __init__(self, composer: SumComposer, alpha: float):
+    def __init__(self, composer: SumComposer):
         super().__init__(composer.backbone, composer.recipe)
-        self.alpha = alpha
 
     def compose(self, references: torch.Tensor, texts: list[str], *, forward: bool = True) -> torch.Tensor:
-        if forward:
-            return super().compose(references, texts)
-        return F.normalize(F.normalize(references, dim=-1) + self.alpha * self.encode_text(texts, False), dim=-1)
+        return torch.cat([F.normalize(references, dim=-1), self.encode_text(texts, forward)], dim=-1)
 
 
 @torch.no_grad()
 def backward_sweep(composer: SumComposer, split, alphas=ALPHAS) -> dict[float, float]:
-    """Backward R@1 on ``split`` at each text weight alpha."""
+    """Backward R@1 on ``split`` at each text weight alpha: normalize(normalize(T) + alpha t_backward)."""
     back = reversed_split(split)
     feats = split_features(composer, back)
-    out = {}
-    for alpha in alphas:
-        scaled = ScaledBackward(composer, alpha)
-        out[alpha] = evaluate_similarity(back, similarity(scaled, back, feats, forward=False))["R@1"]
-    return out
+    parts = query_vectors(BackwardParts(composer), back, feats, forward=False)
+    image, text = parts.chunk(2, dim=-1)
+    gallery = gallery_vectors(composer, back, feats)
+    return {alpha: evaluate_similarity(back, dot_similarity(F.normalize(image + alpha * text, dim=-1), gallery).cpu())["R@1"]
+            for alpha in alphas}
 
 
 @torch.no_grad()
