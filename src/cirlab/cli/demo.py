@@ -37,15 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # --quick: a small shapes set, a smaller BLIP, short budgets (per step: extra `--set`s). Pretraining
-# is most of it (4.5 min in fp32 with the kernels held to AVX2), but 2 epochs are too few: the filter
-# then keeps only 14 training targets in its top 8, too few for one re-ranker step
+# is most of it (4 of 5.6 min in fp32 on a 2-core AVX2-only EPYC). With 2 epochs the filter kept only
+# 14 training targets in its top 8, fewer than one re-ranker batch of 16: the re-ranker steps on 4
 QUICK = {
     "synth": ["--train-scenes", "400", "--val-scenes", "40", "--test-scenes", "60"],
     "pretrain": ["model.small={embed_dim: 64, text_layers: 2, vision_hidden: 64, stage_channels: [16, 32, 64, 64]}",
                  "trainer.epochs=4", "trainer.batch_size=64", "method.eval_images=200"],
     "bi-text": ["trainer.epochs=2"],
     "rerank-filter": ["trainer.epochs=2"],
-    "rerank-reranker": ["trainer.max_steps=10", "trainer.batch_size=4", "method.eval_queries=40"],  # few lists: see above
+    "rerank-reranker": ["trainer.max_steps=10", "trainer.batch_size=4", "method.eval_queries=40"],
 }
 
 
