@@ -42,6 +42,7 @@ BI_STAGE1 = {
     "forward, paired sampler": ["method.reverse_weight=0", "trainer.sampler=paired_reference"],
     "bi w=0.4, reversed text": ["method.reverse_weight=0.4", "method.backward_text=reversed"],
     "bi w=0.4, reference negatives": ["method.reverse_weight=0.4", "method.reversed_negatives=references"],
+    "bi w=0.1, reference negatives": ["method.reverse_weight=0.1", "method.reversed_negatives=references"],
     "forward, 10%": ["method.reverse_weight=0", "data.train_fraction=0.1"],
     "bi w=0.4, 10%": ["method.reverse_weight=0.4", "data.train_fraction=0.1"],
     "forward, 25%": ["method.reverse_weight=0", "data.train_fraction=0.25"],
