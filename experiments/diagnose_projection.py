@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import cirlab
-from cirlab.composers import ProjectionComposer
+from cirlab.composers import ProjectionComposer, ZeroShotComposer
 from cirlab.data.base import Query
 from cirlab.data.registry import load_split
 from cirlab.evaluation.evaluate import evaluate_composer, split_features
-from cirlab.evaluation.metrics import hits_from_ranking, rank_gallery, recall_at_k
 from cirlab.models.phi import Phi
 
 PROMPTS = {"official: a photo of $ that {text}": "a photo of $ that {text}",
@@ -76,23 +75,16 @@ ORACLES = {"caption oracle: a photo of {reference caption} that {text}": "a phot
            "caption oracle: {target caption}": "{target}"}
 
 
-def caption_oracles(model: ProjectionComposer, split) -> dict[str, dict[int, float]]:
-    """Recall of the plain text encoder (no pseudo-word) on the ORACLES texts, the reference left out."""
-    feats = split_features(model, split)
-    gallery = F.normalize(feats["embeds"].float(), dim=-1)
-    exclude = torch.tensor([feats.index_of(q.reference) for q in split.queries])
-    positives = [[feats.index_of(p) for p in q.positives] for q in split.queries]
+def caption_oracles(model: ProjectionComposer, split) -> dict[str, dict[str, float]]:
+    """The plain text encoder (no pseudo-word, no prompt) on the ORACLES texts, through the one
+    evaluation path: a text-only zero-shot composer over queries whose text is the oracle's."""
+    text_only = ZeroShotComposer(model.backbone, dataclasses.replace(model.recipe, prompt="{text}"), mode="text").eval()
     out = {}
     for name, form in ORACLES.items():
-        texts = [form.format(reference=q.extra["reference_caption"], target=q.extra["target_caption"], text=q.captions[0])
-                 for q in split.queries]
-        enc = [model.backbone.tokenize(texts[i:i + 256], max_length=model.recipe.max_text_length)
-               for i in range(0, len(texts), 256)]
-        queries = torch.cat([F.normalize(model.backbone.encode_text(e.input_ids.to(model.device),
-                                                                    e.attention_mask.to(model.device)).float(), dim=-1)
-                             for e in enc])
-        out[name] = recall_at_k(hits_from_ranking(rank_gallery(queries @ gallery.T, 50, exclude), positives),
-                                (1, 5, 10, 50))
+        queries = [dataclasses.replace(q, captions=(form.format(reference=q.extra["reference_caption"],
+                                                                target=q.extra["target_caption"], text=q.captions[0]),))
+                   for q in split.queries]
+        out[name] = evaluate_composer(text_only, [dataclasses.replace(split, queries=queries)]).metrics[text_only.name]
     return out
 
 
@@ -115,8 +107,8 @@ def main() -> None:
         m = evaluate_composer(variant, [split]).metrics[variant.name]
         print(f"| {name} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['R@50']:.2f} |")
     if all("reference_caption" in q.extra for q in split.queries):  # the shapes generator's scene captions
-        for name, r in caption_oracles(model, split).items():
-            print(f"| {name} | {r[1]:.2f} | {r[5]:.2f} | {r[10]:.2f} | {r[50]:.2f} |")
+        for name, m in caption_oracles(model, split).items():
+            print(f"| {name} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['R@50']:.2f} |")
     # inversion: "a photo of $" with $ = Phi(image) should retrieve that very image
     refs = list(dict.fromkeys(q.reference for q in split.queries))
     inversion = dataclasses.replace(split, queries=[Query(qid=str(n), reference=r, captions=("",), target=r,
