@@ -63,9 +63,8 @@ def outputs(bb, marker_id):
     if isinstance(bb, BlipBackbone):
         out["grounded"] = bb.encode_grounded(enc.input_ids, enc.attention_mask, img.tokens)
         out["itm"] = bb.itm_logits(enc.input_ids, enc.attention_mask, img.tokens)
-    else:
-        pseudo = torch.randn(2, bb.token_dim, generator=torch.Generator().manual_seed(2))
-        out["pseudo"] = bb.encode_text_with_pseudo(enc.input_ids, enc.attention_mask, pseudo, marker_id)
+    pseudo = torch.randn(2, bb.token_dim, generator=torch.Generator().manual_seed(2))
+    out["pseudo"] = bb.encode_text_with_pseudo(enc.input_ids, enc.attention_mask, pseudo, marker_id)
     return out
 
 
@@ -180,7 +179,7 @@ def test_clip_text_path_matches_hf(name):
     torch.testing.assert_close(ours, theirs.pooler_output, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["clip", "small_clip"])
+@pytest.mark.parametrize("name", ["clip", "small_clip", "blip", "small_blip"])
 def test_pseudo_injection_changes_only_the_marker(name):
     bb = tiny(name)
     (marker,) = add_tokens(bb, ["[$]"])
@@ -192,7 +191,10 @@ def test_pseudo_injection_changes_only_the_marker(name):
         injected = bb.embed_text_tokens(ids, pseudo, marker)
     differs = (plain != injected).any(dim=-1)
     assert torch.equal(differs, ids == marker) and differs.sum(dim=1).tolist() == [1, 1]
-    positions = bb.text_encoder.embeddings.position_embedding.weight
+    # CLIP's adapter returns the first layer's input (positions added); BLIP's the word embeddings,
+    # to which its embedding layer adds positions and LayerNorm
+    positions = (bb.text_encoder.embeddings.position_embedding.weight if isinstance(bb, ClipBackbone)
+                 else torch.zeros(ids.shape[1], bb.token_dim))
     for row, col in (ids == marker).nonzero().tolist():
         torch.testing.assert_close(injected[row, col], pseudo[row].detach() + positions[col])
 

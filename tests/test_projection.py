@@ -12,7 +12,7 @@ import torch
 import cirlab
 from cirlab.composers import ProjectionComposer, QueryRecipe
 from cirlab.data.text_triplets import keyword_spans, mask_keywords, read_triplets, rule_triplets
-from cirlab.models import build_small_clip
+from cirlab.models import build_small_blip, build_small_clip
 from cirlab.models.phi import Phi
 from cirlab.training.losses import nt_xent
 
@@ -45,11 +45,21 @@ def test_nt_xent_equals_the_direct_formula_in_value_and_gradient():
     assert not torch.isclose(nt_xent(a, b.flip(0), 0.07), ours)
 
 
-@pytest.fixture(scope="module")
-def composer():
+@pytest.fixture(scope="module", params=["clip", "blip"])
+def composer(request):
+    """A projection composer on the small CLIP (the papers' setting) and on the small BLIP's
+    unimodal encoders (cirlab's extension): every test below runs on both."""
     torch.manual_seed(0)
-    clip = build_small_clip(**TINY)
-    return ProjectionComposer(clip, QueryRecipe(prompt=PROMPT), Phi("searle", clip.embed_dim, clip.token_dim)).eval()
+    if request.param == "clip":
+        backbone = build_small_clip(**TINY)
+    else:  # at BERT's init (std 0.02, or MiniLM's first layer) [CLS] is one vector for every text until
+        # ITC pretraining; wider random text layers stand in for a pretrained encoder
+        backbone = build_small_blip(**TINY)
+        for module in backbone.text_encoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=0.3)
+    return ProjectionComposer(backbone, QueryRecipe(prompt=PROMPT),
+                              Phi("searle", backbone.embed_dim, backbone.token_dim)).eval()
 
 
 def test_the_pseudo_word_lands_at_the_marker_and_nowhere_else(composer):
@@ -194,9 +204,10 @@ def test_lincir_and_pic2word_phi_stages_lower_their_losses(composer):
     captions = {"caption": ["a small red circle at the top-left", "a large cyan square at the middle-center",
                             "a small gray triangle at the bottom-right", "a large yellow circle at the top-center"]}
     for style, batch, embeds in (("lincir", captions, None),
-                                 ("pic2word", {"row": torch.arange(4)}, torch.randn(4, 16))):
-        c = ProjectionComposer(composer.backbone, composer.recipe, Phi("pic2word" if style == "pic2word" else "searle",
-                                                                       16, 16))
+                                 ("pic2word", {"row": torch.arange(4)}, torch.randn(4, composer.backbone.embed_dim))):
+        bb = composer.backbone
+        c = ProjectionComposer(bb, composer.recipe, Phi("pic2word" if style == "pic2word" else "searle",
+                                                        bb.embed_dim, bb.token_dim))
         stage = PhiStage(c, PhiConfig(style=style, logit_scale=10.0), embeds).train()
         opt = torch.optim.AdamW(c.phi.parameters(), lr=3e-3)
         losses = []

@@ -3,6 +3,8 @@
 The query is the CLIP text feature of the recipe's prompt ("a photo of $ that {text}") with a
 pseudo-word at ``$``: Phi(the reference's CLIP image embedding). The gallery is the frozen CLIP
 image embeddings, so tuning the text encoder (RTD) leaves every gallery vector as it was.
+BLIP's unimodal encoders (its ITC space) serve the same way, a cirlab extension: the demo builds
+the bases and RTD on the small BLIP it already pretrained.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.models import Backbone
-from cirlab.models.clip import ClipBackbone
+from cirlab.models import Backbone, BlipBackbone, ClipBackbone
 from cirlab.models.phi import Phi, load_phi, save_phi
 
 from .base import Composer, QueryRecipe, register
@@ -37,8 +38,9 @@ class ProjectionComposer(Composer):
     heads = ("phi",)
 
     def __init__(self, backbone: Backbone, recipe: QueryRecipe, phi: Phi):
-        if not isinstance(backbone, ClipBackbone):
-            raise ValueError("a projection composer needs a CLIP backbone (pseudo-word injection)")
+        if not isinstance(backbone, (ClipBackbone, BlipBackbone)):
+            raise ValueError(f"a projection composer needs a CLIP or BLIP backbone (pseudo-word injection), "
+                             f"got {type(backbone).__name__}")
         if MARKER not in recipe.prompt:
             raise ValueError(f"the prompt {recipe.prompt!r} has no {MARKER!r} for the pseudo-word")
         if phi.token_dim != backbone.token_dim:

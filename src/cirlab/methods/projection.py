@@ -35,7 +35,7 @@ from cirlab.data.text_triplets import TextTriplet, clean_caption, mask_keywords,
     rule_triplets, shapes_triplets
 from cirlab.methods.common import (Stage, composer_stage, image_table, stage_backbone, stage_config,
                                    training_splits)
-from cirlab.models.clip import ClipBackbone
+from cirlab.models import Backbone
 from cirlab.models.phi import Phi
 from cirlab.training.losses import clip_loss, nt_xent
 
@@ -55,8 +55,8 @@ class PhiConfig(ProjectionConfig):
     noise: float = Field(1.0, ge=0, description="lincir: noise scale of the caption embedding fed to Phi")
     keywords: Literal["auto", "lexicon"] = Field("auto", description="lincir: spaCy when importable, else the "
                                                  "lexicon heuristic (cirlab.data.text_triplets)")
-    logit_scale: float | None = Field(None, description="pic2word: the InfoNCE scale (default: the CLIP "
-                                      "backbone's own, frozen)")
+    logit_scale: float | None = Field(None, description="pic2word: the InfoNCE scale (default: the "
+                                      "backbone's own, frozen: CLIP's logit scale, 1/0.07 for BLIP)")
     captions: str | None = Field(None, description="lincir: a caption corpus, one caption per line (.txt) or a "
                                  "JSON list of strings; default: the shapes training scenes' captions")
 
@@ -81,7 +81,7 @@ def config_model(data: dict, source: str) -> ProjectionConfig:
     return stage_config(CONFIGS, data, source)
 
 
-def caption_embeds(backbone: ClipBackbone, captions: list[str], max_length: int) -> torch.Tensor:
+def caption_embeds(backbone: Backbone, captions: list[str], max_length: int) -> torch.Tensor:
     """Projected, unnormalised text features (LinCIR's Phi input and target)."""
     enc = backbone.tokenize(captions, max_length=max_length)
     return backbone.encode_text(enc.input_ids, enc.attention_mask)
@@ -130,7 +130,7 @@ class PhiStage(nn.Module):
         if self.cfg.style == "pic2word":
             u = self.image_embeds[batch["row"]]
             text = c.encode_prompts([PLAIN] * len(u), c.phi(u))
-            scale = self.cfg.logit_scale or float(c.backbone.model.logit_scale.exp().clamp(max=100))
+            scale = self.cfg.logit_scale or c.backbone.logit_scale
             loss = clip_loss(u, text, scale)
         else:
             captions = list(batch["caption"])
@@ -212,8 +212,6 @@ def build(cfg: ExperimentConfig) -> Stage:
         return composer_stage(cfg, model, data, lambda m: m.composer,
                               param_groups=[{"params": [p for p in composer.backbone.parameters() if p.requires_grad]}])
     backbone = stage_backbone(cfg, "method projection")
-    if not isinstance(backbone, ClipBackbone):
-        raise ValueError("method projection: needs a CLIP backbone (model.kind: clip)")
     phi = Phi("pic2word" if pcfg.style == "pic2word" else "searle", backbone.embed_dim, backbone.token_dim)
     composer = ProjectionComposer(backbone, recipe, phi)
     if pcfg.style == "pic2word":

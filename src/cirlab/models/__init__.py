@@ -7,9 +7,9 @@ Converting original BLIP checkpoints: :mod:`cirlab.models.convert` (also ``pytho
 
 from transformers import AutoConfig, AutoModel
 
-from .backbone import Backbone, ImageFeatures, fingerprint
+from .backbone import Backbone, ImageFeatures, fingerprint, inject_pseudo
 from .blip import BlipBackbone, SmallBlipConfig, SmallBlipForImageTextRetrieval
-from .clip import ClipBackbone, SmallClipConfig, SmallClipModel, inject_pseudo
+from .clip import ClipBackbone, SmallClipConfig, SmallClipModel
 from .conv_vision import ConvVisionConfig, ConvVisionModel
 from .loading import (
     TextInitReport,

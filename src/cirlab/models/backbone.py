@@ -30,6 +30,34 @@ class ImageFeatures:
     tokens: torch.Tensor
 
 
+def inject_pseudo(
+    token_embeds: torch.Tensor, input_ids: torch.Tensor, pseudo: torch.Tensor, marker_id: int
+) -> torch.Tensor:
+    """Replace the embedding at every ``marker_id`` position by a pseudo-word embedding.
+
+    pseudo (B, d): the same vector at every marker of row b (each row needs at least one marker).
+    pseudo (B, n, d): the k-th marker of row b gets pseudo[b, k] (each row needs exactly n markers).
+    Gradients flow into ``pseudo`` (and into the kept token embeddings)."""
+    is_marker = input_ids == marker_id
+    counts = is_marker.sum(dim=1)
+    if pseudo.dim() == 2:
+        if bool((counts == 0).any()):
+            rows = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(f"inject_pseudo: rows {rows} contain no marker token (id {marker_id})")
+        source = pseudo[:, None, :].expand_as(token_embeds)
+    elif pseudo.dim() == 3:
+        n = pseudo.shape[1]
+        if bool((counts != n).any()):
+            raise ValueError(
+                f"inject_pseudo: every row needs exactly {n} marker tokens (id {marker_id}), got {counts.tolist()}"
+            )
+        slot = (is_marker.cumsum(dim=1) - 1).clamp(min=0)  # index of the marker a position belongs to
+        source = pseudo.gather(1, slot[..., None].expand(-1, -1, pseudo.shape[-1]))
+    else:
+        raise ValueError(f"inject_pseudo: pseudo must be (B, d) or (B, n, d), got shape {tuple(pseudo.shape)}")
+    return torch.where(is_marker[..., None], source.to(token_embeds.dtype), token_embeds)
+
+
 class Backbone(nn.Module):
     """Common part of :class:`BlipBackbone` and :class:`ClipBackbone`."""
 
@@ -81,6 +109,11 @@ class Backbone(nn.Module):
     @property
     def max_text_length(self) -> int:
         return int(self.config.text_config.max_position_embeddings)
+
+    @property
+    def token_dim(self) -> int:
+        """Width of a (pseudo-)word embedding: what a Phi / Pic2Word mapper must output."""
+        return self.text_hidden
 
     @property
     def input_embeddings(self) -> nn.Embedding:

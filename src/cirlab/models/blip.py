@@ -6,6 +6,9 @@ and of candidate re-ranking (Cuberick-Orion/Candidate-Reranking-CIR) use them:
   cross-attention block and builds a bidirectional mask; the feature is text_proj of [CLS].
 * image-grounded (Re-ranking stage I, ITM): the first token becomes [ENC] and every layer
   cross-attends to the reference image's ViT token sequence.
+* text-only with a pseudo-word (projection-based zero-shot CIR on BLIP's unimodal encoders, a
+  cirlab extension: Pic2Word, SEARLE and LinCIR use CLIP): the word embedding at the marker is
+  replaced before position embeddings and LayerNorm are added, as CLIP's adapter does.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from transformers import BlipConfig, BlipForImageTextRetrieval, BlipTextConfig, 
 from transformers.models.blip.modeling_blip import BlipPreTrainedModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-from .backbone import Backbone, ImageFeatures
+from .backbone import Backbone, ImageFeatures, inject_pseudo
 from .conv_vision import ConvVisionConfig, ConvVisionModel
 from .tokenizer import BLIP_ENC_TOKEN, token_id
 
@@ -63,13 +66,40 @@ class BlipBackbone(Backbone):
         tokens = self.vision_model(pixel_values=pixel_values.to(self.dtype)).last_hidden_state
         return ImageFeatures(embeds=self.vision_proj(tokens[:, 0]), tokens=tokens)
 
-    def text_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text-only mode: (B, L, text_hidden), no cross-attention."""
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    @property
+    def logit_scale(self) -> float:
+        """1 / BLIP's ITC temperature at its initial 0.07: HF checkpoints do not keep the learned
+        temperature, and the shapes pretraining ends at 0.07 (its log in docs/results.md)."""
+        return 1 / 0.07
+
+    def embed_text_tokens(
+        self, input_ids: torch.Tensor, pseudo: torch.Tensor | None = None, marker_id: int | None = None
+    ) -> torch.Tensor:
+        """Word embeddings with the pseudo-word at every ``marker_id`` (see :func:`inject_pseudo`), before
+        BLIP's embedding layer adds positions and LayerNorm: (B, L, text_hidden)."""
+        tokens = self.text_encoder.embeddings.word_embeddings(input_ids)
+        if pseudo is None:
+            return tokens
+        if marker_id is None:
+            raise ValueError("embed_text_tokens: pseudo given without marker_id")
+        return inject_pseudo(tokens, input_ids, pseudo, marker_id)
+
+    def text_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           pseudo: torch.Tensor | None = None, marker_id: int | None = None) -> torch.Tensor:
+        """Text-only mode: (B, L, text_hidden), no cross-attention; ``pseudo`` at every marker if given."""
+        if pseudo is None:
+            return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        embeds = self.embed_text_tokens(input_ids, pseudo, marker_id)
+        return self.text_encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """text_proj([CLS]) in text-only mode, unnormalised (Bi-BLIP4CIR's text feature)."""
         return self.text_proj(self.text_hidden_states(input_ids, attention_mask)[:, 0])
+
+    def encode_text_with_pseudo(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                pseudo: torch.Tensor, marker_id: int) -> torch.Tensor:
+        """encode_text with the marker token's embedding replaced by ``pseudo``."""
+        return self.text_proj(self.text_hidden_states(input_ids, attention_mask, pseudo, marker_id)[:, 0])
 
     def encode_grounded(
         self,

@@ -2,7 +2,7 @@
 
 Phi turns an embedding (a CLIP image embedding at inference; for LinCIR a text embedding during
 training) into one *pseudo-word*: a vector in the text encoder's token-embedding space, injected
-at the ``$`` of "a photo of $ that {text}" (:func:`cirlab.models.clip.inject_pseudo`).
+at the ``$`` of "a photo of $ that {text}" (:func:`cirlab.models.backbone.inject_pseudo`).
 
 * ``pic2word``: [Linear(d -> 512), Dropout(0.1), ReLU] x 2, Linear(512 -> token width)
   (google-research/composed_image_retrieval, ``IM2TEXT``);
