@@ -4,6 +4,7 @@
     python experiments/ablate.py rerank --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
     python experiments/ablate.py rtd --data runs/demo/shapes --backbone runs/demo/pretrain-clip/backbone
     python experiments/ablate.py spn --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
+    python experiments/ablate.py chain --data runs/demo/shapes --backbone runs/demo/pretrain-blip/backbone
     python experiments/ablate.py report docs/ablations/rerank.json --plot docs/ablations/rerank.png
 
 Every run is an ordinary ``cirlab train`` run folder (its exported ``<run>/model``) or a
@@ -100,6 +101,16 @@ SPN_VARIANTS = {
     "+ bank, 1000 negatives": (None, ["method.neg_num=1000"]),
 }
 
+
+# The composed chain, first stage -> SPN bank stage -> re-ranker of its top K: name -> (first-stage
+# config, its overrides, its selection metric, the SPN stage's overrides). The filter's SPN stage
+# learns tau (SPN's BLIP4CIR variant); sum fusion keeps SPN's fixed 0.02 (its CLIP4CIR setting).
+CHAIN_FIRST = {
+    "filter": (RR / "shapes_filter.yaml", [], "R@1", ["method.learn_tau=true"]),
+    "Bi-BLIP4CIR stage I (bi w=0.4)": (BI / "shapes_text.yaml", BI_STAGE1["bi w=0.4"], "Avg", []),
+    "Bi-BLIP4CIR stage I (bi w=0.4, reference negatives)": (BI / "shapes_text.yaml",
+                                                             BI_STAGE1["bi w=0.4, reference negatives"], "Avg", []),
+}
 
 def run_train(config: Path, run: Path, sets: list[str]) -> Path:
     """Train unless ``run`` already holds its exported model; returns ``<run>/model``."""
@@ -279,6 +290,31 @@ def spn(args: argparse.Namespace) -> Table:
     return table
 
 
+def chain(args: argparse.Namespace) -> Table:
+    """Per seed: a first stage, SPN's bank stage over it, the re-ranker over the SPN model; each evaluated."""
+    table = Table()
+    data = f"data.root={args.data}"
+    for seed in args.seeds:
+        for name in args.variants or CHAIN_FIRST:
+            config, sets, metric, spn_sets = CHAIN_FIRST[name]
+            run1 = args.out / f"{tag(name)}-s{seed}"
+            first = run_train(config, run1, [data, f"model.backbone={args.backbone}", f"seed={seed}", *sets,
+                                             *args.stage1_set])
+            table.add(name, next(iter(eval_model(first, args.out / f"eval-{tag(name)}-s{seed}", args.data).values())),
+                      run1, metric)
+            run2 = args.out / f"spn-{tag(name)}-s{seed}"
+            spn_model = run_train(SPN / "shapes_bank.yaml", run2, [data, f"model.backbone={first}", f"seed={seed}",
+                                                                  *spn_sets, *args.stage2_set])
+            m = eval_model(spn_model, args.out / f"eval-spn-{tag(name)}-s{seed}", args.data)
+            table.add(f"{name} -> SPN bank stage", next(iter(m.values())), run2, "Avg")
+            run3 = args.out / f"rerank-{tag(name)}-s{seed}"
+            reranker = run_train(RR / "shapes_reranker.yaml", run3, [data, f"model.backbone={spn_model}", f"seed={seed}"])
+            m = eval_model(reranker, args.out / f"eval-rerank-{tag(name)}-s{seed}", args.data,
+                           "--rerank-k", str(args.ks[0]))
+            table.add(f"{name} -> SPN -> re-ranker, rerank@{args.ks[0]}", m[f"rerank@{args.ks[0]}"], run3, "R@1")
+    return table
+
+
 def report(path: Path, plot: Path | None, columns: list[str]) -> str:
     """The markdown table of a docs/ablations file (and its plot: R@1 per row, validation curves)."""
     data = read_json(path, "ablation")
@@ -321,7 +357,7 @@ def _plot(data: dict, path: Path) -> None:
 
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["bidirectional", "rerank", "rtd", "spn", "report"])
+    p.add_argument("method", choices=["bidirectional", "rerank", "rtd", "spn", "chain", "report"])
     p.add_argument("path", nargs="?", type=Path, help="report: the docs/ablations JSON file")
     p.add_argument("--plot", type=Path, help="report: draw the plot here")
     p.add_argument("--data", type=Path, help="shapes root")
@@ -346,12 +382,12 @@ def cli() -> None:
     if args.data is None or args.backbone is None:
         p.error("--data and --backbone are required")
     known = {"bidirectional": BI_STAGE1 | BI_STAGE2, "rerank": RERANKERS, "rtd": BASES | RTD,
-             "spn": SPN_VARIANTS}[args.method]
+             "spn": SPN_VARIANTS, "chain": CHAIN_FIRST}[args.method]
     unknown = [v for v in args.variants or [] if v not in known]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {list(known)}")
     args.out = args.out or Path(f"runs/ablation-{args.method}")
-    table = {"bidirectional": bidirectional, "rerank": rerank, "rtd": rtd, "spn": spn}[args.method](args)
+    table = {"bidirectional": bidirectional, "rerank": rerank, "rtd": rtd, "spn": spn, "chain": chain}[args.method](args)
     path = args.json or args.out / "summary.json"
     atomic_write_json(path, table.summary(args), indent=1)
     print(report(path, None, columns))

@@ -32,7 +32,7 @@ def every_kind(blip_dir) -> dict:
     return {"zeroshot": ZeroShotComposer(blip, recipe, "sum"), "grounded-zs": ZeroShotComposer(blip, recipe, "grounded"),
             "sum": SumComposer(directed, tokens),
             "combiner": CombinerComposer(directed, tokens, Combiner(blip.embed_dim, 16, 16, dropout=0.5)),
-            "grounded": GroundedComposer(blip, recipe), "rerank": RerankComposer(blip, recipe, reranker, k=5)}
+            "grounded": GroundedComposer(blip, recipe), "rerank": RerankComposer(GroundedComposer(blip, recipe), reranker, k=5)}
 
 
 def test_a_saved_composer_loads_and_encodes_images_and_cached_features_alike(tiny_shapes, tiny_pretrained_blip, tmp_path):

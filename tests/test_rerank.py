@@ -157,7 +157,7 @@ def test_cirr_test1_submission_reranks_the_stage_one_top_k(cirr_test1, tiny_pret
     torch.manual_seed(0)
     blip = load_backbone(tiny_pretrained_blip)
     reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id)
-    composer = RerankComposer(blip, QueryRecipe(), reranker, k=50).eval()
+    composer = RerankComposer(GroundedComposer(blip, QueryRecipe()), reranker, k=50).eval()
     out = tmp_path / "submission"
     assert main(["eval", "--model", str(composer.save(tmp_path / "rr" / "model")), "--dataset", "cirr",
                  "--root", str(root), "--split", "test1", "--run-dir", str(out), "--rerank-k", "5", "10"]) == 0

@@ -19,7 +19,7 @@ from cirlab.models.dual_encoder import DualEncoderReranker
 def _composer(blip_dir, residual_scale):
     blip = load_backbone(blip_dir)
     reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id)
-    return RerankComposer(blip, QueryRecipe(), reranker.zero_head(), k=10, residual_scale=residual_scale)
+    return RerankComposer(GroundedComposer(blip, QueryRecipe()), reranker.zero_head(), k=10, residual_scale=residual_scale)
 
 
 def test_zero_initialised_residual_head_reproduces_the_stage_one_order(tiny_shapes, tiny_pretrained_blip):
@@ -62,7 +62,7 @@ def test_hard_candidates_hold_the_target_at_the_label_and_never_the_reference(ti
     assert {"loss_in_batch", "loss_topk"} <= set(out) and torch.isfinite(out["loss"])
     head = stage.model.reranker.cls_head[-1].weight
     assert head.grad is not None and head.grad.abs().sum() > 0
-    assert all(p.grad is None for p in stage.model.filter.parameters())
+    assert all(p.grad is None for p in stage.model.composer.first.parameters())
 
 
 def test_an_oracle_reranker_lifts_exactly_the_targets_inside_the_top_k(tiny_shapes, tiny_pretrained_blip, monkeypatch):
@@ -107,7 +107,8 @@ def test_training_losses_score_query_i_against_target_j_with_the_target_as_label
     with torch.no_grad():
         out = model.training_step(batch)
         model.eval()  # training_step puts the filter in its configured mode; the re-ranker stays in eval
-        z_t, ids, mask = grounded_states(model.filter, batch["text"], model.tokens[batch["reference"]], cfg.method.max_text_length)
+        z_t, ids, mask = grounded_states(model.composer.backbone, batch["text"], model.tokens[batch["reference"]],
+                                         cfg.method.max_text_length)
         tok = model.tokens
 
         def score(i, row):
@@ -154,7 +155,7 @@ def test_a_difference_reranker_reads_candidate_minus_reference_and_keeps_its_mod
     reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id).eval()
     torch.manual_seed(0)
     torch.nn.init.normal_(reranker.cls_head[-1].weight, std=1.0)
-    composer = RerankComposer(blip, QueryRecipe(), reranker, k=5, candidate_input="difference").eval()
+    composer = RerankComposer(GroundedComposer(blip, QueryRecipe()), reranker, k=5, candidate_input="difference").eval()
     split = load_split("shapes", tiny_shapes, "val")
     feats = split_features(composer, split)
     tokens = feats["tokens"]
@@ -172,9 +173,82 @@ def test_a_difference_reranker_reads_candidate_minus_reference_and_keeps_its_mod
     assert loaded.candidate_input == "difference"
     assert torch.allclose(loaded.rerank(refs, texts, cands), scores, atol=1e-5)
     with pytest.raises(ValueError, match="candidate_input"):
-        RerankComposer(blip, QueryRecipe(), reranker, candidate_input="sum")
+        RerankComposer(GroundedComposer(blip, QueryRecipe()), reranker, candidate_input="sum")
     # a bad mode in a saved model's composer.json: the error names the folder and the field
     manifest = tmp_path / "model" / "composer.json"
     manifest.write_text(manifest.read_text().replace('"difference"', '"sum"'))
     with pytest.raises(ValueError, match=r"model: candidate_input must be one of .*got 'sum'"):
         cirlab.load(tmp_path / "model")
+
+
+def _first_stages(blip_dir):
+    """Bi-BLIP4CIR's two first stages on the tiny BLIP: a sum model with direction tokens and a Combiner."""
+    from cirlab.composers import CombinerComposer, SumComposer
+    from cirlab.models import add_tokens
+    from cirlab.models.combiner import Combiner
+
+    torch.manual_seed(0)
+    blip = load_backbone(blip_dir)
+    add_tokens(blip, ["[FORWARD]", "[BACKWARD]"])
+    recipe = QueryRecipe(direction="tokens", max_text_length=32)
+    return {"sum": SumComposer(blip, recipe),
+            "combiner": CombinerComposer(blip, recipe, Combiner(blip.embed_dim, 16, 16, dropout=0.5).eval())}
+
+
+@pytest.mark.parametrize("kind", ["sum", "combiner"])
+def test_a_reranker_over_any_blip_first_stage_keeps_its_ranking_and_survives_save(tiny_shapes, tiny_pretrained_blip,
+                                                                                  tmp_path, kind):
+    """Re-ranking is not tied to the grounded filter: over a Bi-BLIP4CIR model, the stage-I row is
+    that model's own ranking, a zero-head residual re-ranker keeps its top-K order exactly, z_t is
+    the grounded encoder on the first stage's formatted text ([FORWARD] first), and the saved
+    folder rebuilds the first stage (its Combiner too)."""
+    first = _first_stages(tiny_pretrained_blip)[kind].eval()
+    blip = first.backbone
+    reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id).zero_head()
+    composer = RerankComposer(first, reranker, k=10, residual_scale=1 / 0.07).eval()
+    split = load_split("shapes", tiny_shapes, "val")
+    own = evaluate_composer(first, [split]).metrics["forward"]
+    result = evaluate_composer(composer, [split], rerank_ks=[10]).metrics
+    for metric, value in own.items():
+        assert result["stage1"][metric] == pytest.approx(value, abs=0.51), metric  # cached CLS is float16
+    assert result["rerank@10"] == result["stage1"]
+
+    texts, refs = ["add a red circle"], torch.randn(1, 5, blip.vision_hidden)
+    _, ids, _ = composer.grounded_states(refs, texts)
+    assert ids[0, 1].item() == blip.tokenizer.convert_tokens_to_ids("[FORWARD]")  # after [ENC]
+
+    torch.nn.init.normal_(reranker.cls_head[-1].weight, std=1.0)
+    cands = torch.randn(1, 3, 5, blip.vision_hidden)
+    loaded = cirlab.load(composer.save(tmp_path / "model"))
+    assert type(loaded.first) is type(first) and loaded.heads == (*first.heads, "reranker")
+    assert loaded.fingerprint() == composer.fingerprint()
+    assert torch.allclose(loaded.rerank(refs, texts, cands, torch.zeros(1, 3)), composer.rerank(refs, texts, cands,
+                                                                                              torch.zeros(1, 3)))
+    assert torch.allclose(loaded.encode_queries(refs, texts), composer.encode_queries(refs, texts), atol=1e-6)
+
+
+def test_the_reranker_trains_over_a_bi_blip4cir_model_folder(tiny_shapes, tiny_pretrained_blip, tmp_path):
+    """``model.backbone`` may be any BLIP model folder: its ranking gives the hard candidates and
+    the residual's cosines, only the re-ranker trains, and the export is a rerank model over it."""
+    first = _first_stages(tiny_pretrained_blip)["sum"]
+    folder = first.save(tmp_path / "sum")
+    cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml",
+                      [f"data.root={tiny_shapes}", f"model.backbone={folder}", "method.train_k=4"])
+    stage = rerank.build(cfg)
+    assert type(stage.model.composer.first) is type(first)
+    batch = torch.utils.data.default_collate([stage.train_data[i] for i in range(4)])
+    item = stage.train_data[0]
+    with torch.no_grad():  # the residual's cosines are the sum model's, on the candidate rows
+        refs = stage.model.tokens[batch["reference"]]
+        direct = first.compose(first.backbone.vision_proj(refs[:, 0]), batch["text"]) @ first.gallery_vectors(
+            first.backbone.vision_proj(stage.model.tokens[batch["candidates"].flatten()][:, 0])).T
+        got = stage.model._stage1(refs, batch["text"], batch["candidates"])
+    assert torch.allclose(got, direct.view(4, 4, 4).diagonal(dim1=0, dim2=1).T, atol=1e-5)
+    assert item["candidates"][item["label"]] == item["target"]
+    out = stage.model.training_step(batch)
+    out["loss"].backward()
+    assert stage.model.reranker.cls_head[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in stage.model.composer.first.parameters())
+    with pytest.raises(ValueError, match="re-ranking model already"):
+        rerank.build(load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml", [
+            f"data.root={tiny_shapes}", f"model.backbone={stage.export(stage.model, tmp_path / 'rr', {})}"]))

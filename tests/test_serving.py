@@ -307,14 +307,14 @@ def test_index_changes_need_the_api_key_and_persist(tiny_index, tmp_path):
 def test_a_reranking_model_reranks_the_index_top_k_as_evaluation_does(tiny_shapes, tiny_pretrained_blip, tmp_path):
     import torch
 
-    from cirlab.composers import RerankComposer
+    from cirlab.composers import GroundedComposer, RerankComposer
     from cirlab.evaluation.evaluate import rerank_rows
     from cirlab.models.dual_encoder import DualEncoderReranker
 
     torch.manual_seed(0)
     blip = load_backbone(tiny_pretrained_blip)
     reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id)
-    model = RerankComposer(blip, QueryRecipe(), reranker, k=5).save(tmp_path / "model")
+    model = RerankComposer(GroundedComposer(blip, QueryRecipe()), reranker, k=5).save(tmp_path / "model")
     assert main(["index", "build", "--model", str(model), "--dataset", "shapes", "--root", str(tiny_shapes),
                  "--split", "test", "--out", str(tmp_path / "ix")]) == 0
     searcher = Searcher.open(tmp_path / "ix")

@@ -332,12 +332,12 @@ def test_stage_two_stands_on_every_first_stage_kind(tiny_shapes, tiny_pretrained
         stage.export(model, tmp_path / f"{kind}-out", {})
         assert cirlab.load(tmp_path / f"{kind}-out").kind == composer.kind  # a composer of the base's kind
 
-    from cirlab.composers import RerankComposer
+    from cirlab.composers import GroundedComposer, RerankComposer
     from cirlab.models.dual_encoder import DualEncoderReranker
 
     blip = load_backbone(tiny_pretrained_blip)
     reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id, merge="official")
-    folder = RerankComposer(blip, QueryRecipe(), reranker).save(tmp_path / "rerank")
+    folder = RerankComposer(GroundedComposer(blip, QueryRecipe()), reranker).save(tmp_path / "rerank")
     with pytest.raises(ValueError, match="re-ranking model; SPN trains a first stage"):
         spn.build(load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml", [f"data.root={tiny_shapes}",
                                                                          f"model.backbone={folder}"]))

@@ -198,7 +198,7 @@ class Composer(nn.Module):
         h.update(dump_json({"kind": self.kind, "recipe": recipe, "config": self.config(),
                             "backbone": self.backbone.fingerprint()}).encode())
         for name, tensor in sorted(self.state_dict().items()):
-            if not name.startswith("backbone."):
+            if "backbone" not in name.split(".")[:2]:  # the backbone, also as a first stage's (first.backbone.*)
                 h.update(name.encode())
                 h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()

@@ -5,11 +5,12 @@ Retrieval with Dual Multi-modal Encoder"; official code: Cuberick-Orion/Candidat
   first, cross-attention to the reference image's tokens), normalize(text_proj(state 0)); the
   gallery is normalize(vision_proj(CLS token)), read from the cached tokens because stage I
   trains ``vision_proj`` over a frozen ViT.
-* ``rerank`` (stage II): the filter ranks the whole gallery, then a
-  :class:`~cirlab.models.dual_encoder.DualEncoderReranker` re-scores each query's top ``k`` from
-  (z_t, text, candidate tokens), z_t being the filter's grounded last hidden state. With
-  ``candidate_input="difference"`` (an option beyond the paper) the re-ranker reads each
-  candidate's tokens minus the reference's, position by position: what changed.
+* ``rerank`` (stage II): a first stage ranks the whole gallery (the filter, as in the paper, or any
+  composer on a BLIP backbone), then a :class:`~cirlab.models.dual_encoder.DualEncoderReranker`
+  re-scores each query's top ``k`` from (z_t, text, candidate tokens), z_t being the grounded
+  encoder's last hidden state. With ``candidate_input="difference"`` (an option beyond the paper)
+  the re-ranker reads each candidate's tokens minus the reference's, position by position: what
+  changed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 from cirlab.models import Backbone, BlipBackbone
 from cirlab.models.dual_encoder import DualEncoderReranker, load_reranker, save_reranker
 
-from .base import Composer, QueryRecipe, evaluating, register
+from .base import REGISTRY, Composer, QueryRecipe, evaluating, register
 
 
 def _blip(backbone: Backbone, what: str) -> BlipBackbone:
@@ -86,18 +87,33 @@ def candidate_tokens(candidates: torch.Tensor, references: torch.Tensor, mode: C
 
 
 @register
-class RerankComposer(GroundedComposer):
-    """The filter's vectors for the first stage, plus :meth:`rerank` over its top ``k``."""
+class RerankComposer(Composer):
+    """A first-stage composer's vectors, plus :meth:`rerank` over its top ``k``.
+
+    The first stage is the paper's grounded filter by default, or any composer on a BLIP backbone
+    (Bi-BLIP4CIR's sum or Combiner models, an SPN model over either: a cirlab extension). The
+    re-ranker's z_t is always the grounded encoder's last hidden state on (reference tokens, text)
+    under the first stage's backbone and text recipe; for a filter that is the paper's z_t, for
+    another first stage its grounded path as pretraining left it, which the re-ranker adapts to."""
 
     kind = "rerank"
     heads = ("reranker",)
+    gallery_field = "tokens"
+    reference_field = "tokens"
+    gallery_tokens = 1  # the first stage reads the CLS token (or the embedding projected from it)
 
-    def __init__(self, backbone: Backbone, recipe: QueryRecipe, reranker: DualEncoderReranker, k: int = 50,
-                 chunk_size: int = 256, residual_scale: float | None = None, candidate_input: CandidateInput = "image"):
-        super().__init__(backbone, recipe)
+    def __init__(self, first: Composer, reranker: DualEncoderReranker, k: int = 50, chunk_size: int = 256,
+                 residual_scale: float | None = None, candidate_input: CandidateInput = "image"):
+        super().__init__(_blip(first.backbone, "rerank"), first.recipe)
+        if isinstance(first, RerankComposer):
+            raise ValueError("a re-ranking model cannot be the first stage of another")
+        if first.gallery_field == "tokens" and first.gallery_tokens != 1:
+            raise ValueError(f"the rerank composer's first stage must read one gallery token, {first.kind} reads "
+                             f"{first.gallery_tokens}")
         if k < 1:
             raise ValueError(f"re-ranking depth k must be >= 1, got {k}")
-        self.reranker, self.k, self.chunk_size = reranker, k, chunk_size
+        self.first, self.reranker, self.k, self.chunk_size = first, reranker, k, chunk_size
+        self.heads = (*first.heads, "reranker")
         # residual score: residual_scale x stage-I cosine + the re-ranker's logit; a head trained
         # from zero then starts from stage I's order and moves it only where it has learned to
         self.residual_scale = residual_scale
@@ -108,6 +124,29 @@ class RerankComposer(GroundedComposer):
     @property
     def name(self) -> str:
         return f"rerank@{self.k}"
+
+    @property
+    def bidirectional(self) -> bool:
+        return False  # re-ranking is forward retrieval only
+
+    def _first_input(self, tokens: torch.Tensor, field_: str) -> torch.Tensor:
+        """Rows of the first stage's ``field_`` from cached tokens: BLIP's embedding is
+        vision_proj(CLS), exactly as :meth:`BlipBackbone.encode_image` computes it."""
+        if field_ == "tokens":
+            return tokens
+        cls = tokens[:, 0].to(self.device, self.backbone.dtype)
+        return self.backbone.vision_proj(cls).float()
+
+    def gallery_vectors(self, features: torch.Tensor) -> torch.Tensor:
+        return self.first.gallery_vectors(self._first_input(features, self.first.gallery_field))
+
+    def compose(self, references: torch.Tensor, texts: list[str], *, forward: bool = True) -> torch.Tensor:
+        return self.first.compose(self._first_input(references, self.first.reference_field), texts, forward=forward)
+
+    def grounded_states(self, references: torch.Tensor, texts: list[str]):
+        """z_t, input ids and attention mask: the grounded encoder on (reference tokens, formatted text)."""
+        return grounded_states(self.backbone, [self.recipe.text(t) for t in texts], references,
+                               self.recipe.max_text_length)
 
     @torch.no_grad()
     def rerank(self, references: torch.Tensor, texts: list[str], candidates: torch.Tensor,
@@ -134,12 +173,21 @@ class RerankComposer(GroundedComposer):
         return list(self.reranker.parameters())
 
     def config(self) -> dict:
-        return {"k": self.k, "chunk_size": self.chunk_size, "residual_scale": self.residual_scale,
-                "candidate_input": self.candidate_input}
+        out = {"k": self.k, "chunk_size": self.chunk_size, "residual_scale": self.residual_scale,
+               "candidate_input": self.candidate_input}
+        if type(self.first) is not GroundedComposer:  # folders of the paper's chain keep their old manifest
+            out["first"] = {"kind": self.first.kind, "config": self.first.config()}
+        return out
 
     def save_heads(self, folder: Path, fingerprint: str) -> None:
+        self.first.save_heads(folder, fingerprint)
         save_reranker(self.reranker, folder / "reranker", backbone=fingerprint)
 
     @classmethod
     def from_parts(cls, backbone, recipe, folder: Path, config: dict, fingerprint: str) -> "RerankComposer":
-        return cls(backbone, recipe, load_reranker(folder / "reranker", backbone=fingerprint), **config)
+        config = dict(config)
+        first = config.pop("first", {"kind": "grounded", "config": {}})
+        if not isinstance(first, dict) or first.get("kind") not in REGISTRY or first["kind"] == cls.kind:
+            raise ValueError(f"field 'config.first' must name a first-stage composer kind, got {first!r}")
+        first_stage = REGISTRY[first["kind"]].from_parts(backbone, recipe, folder, first.get("config", {}), fingerprint)
+        return cls(first_stage, load_reranker(folder / "reranker", backbone=fingerprint), **config)

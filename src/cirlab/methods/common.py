@@ -75,6 +75,13 @@ def recipe_of(cfg: ExperimentConfig, mcfg: BaseModel) -> QueryRecipe:
                        target_ratio=cfg.data.target_ratio)
 
 
+def with_recipe_images(cfg: ExperimentConfig, composer: Composer) -> ExperimentConfig:
+    """``cfg`` with the image preprocessing of ``composer``, so cached features match its own."""
+    data = cfg.data.model_copy(update={"transform": composer.recipe.transform,
+                                       "target_ratio": composer.recipe.target_ratio})
+    return cfg.model_copy(update={"data": data})
+
+
 def stage_config(configs: Mapping[str, type[BaseModel]], data: Mapping[str, Any], source: str) -> BaseModel:
     """Validate a method section with the typed model of its ``stage`` (one model per stage)."""
     stage = data.get("stage", next(iter(configs)))

@@ -21,6 +21,7 @@ reproduces that); the filter trains ``vision_proj``, which the official stage I 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -28,12 +29,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from cirlab.composers import GroundedComposer, RerankComposer
+from cirlab.composers import Composer, GroundedComposer, RerankComposer, load
 from cirlab.composers.grounded import CandidateInput, candidate_tokens, grounded_states
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
-                                   recipe_of, stage_backbone, stage_config, training_splits, triplet_ids)
+                                   recipe_of, stage_backbone, stage_config, training_splits, triplet_ids,
+                                   with_recipe_images)
 from cirlab.models import Backbone, BlipBackbone, load_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker
 from cirlab.training import distributed
@@ -105,33 +107,36 @@ class FilterStage(nn.Module):
 
 class RerankerStage(nn.Module):
     """Stage II: only the re-ranker trains; z_t (and, for the residual, the stage-I cosines) come
-    from the frozen filter. Losses: the official in-batch B x B pairs with diagonal labels, and/or a
-    listwise cross-entropy over each query's ``train_k`` filter candidates (``batch["candidates"]``,
-    rows of the token table, the target at ``batch["label"]``)."""
+    from the frozen first stage. Losses: the official in-batch B x B pairs with diagonal labels,
+    and/or a listwise cross-entropy over each query's ``train_k`` first-stage candidates
+    (``batch["candidates"]``, rows of the token table, the target at ``batch["label"]``)."""
 
-    def __init__(self, reranker: DualEncoderReranker, filter_backbone: BlipBackbone, tokens: RowTable,
-                 cfg: RerankerConfig):
+    def __init__(self, composer: RerankComposer, tokens: RowTable, cfg: RerankerConfig):
         super().__init__()
-        self.reranker, self.filter, self.cfg = reranker, filter_backbone, cfg
+        self.composer, self.cfg = composer, cfg
         self.tokens = tokens  # not a buffer: it stays on disk, batches gather their rows
-        filter_backbone.requires_grad_(False)
-        reranker.gradient_checkpointing = cfg.gradient_checkpointing
+        composer.first.requires_grad_(False)
+        composer.reranker.gradient_checkpointing = cfg.gradient_checkpointing
         if cfg.residual:
-            reranker.zero_head()
+            composer.reranker.zero_head()
 
-    def _stage1(self, z_t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Stage-I cosines of each query (its [ENC] state) with candidate rows: (B, B) or (B, K)."""
-        query = F.normalize(self.filter.text_proj(z_t[:, 0]), dim=-1)
-        cls = self.tokens.first()[rows][..., 0, :].to(self.filter.dtype)
-        gallery = F.normalize(self.filter.vision_proj(cls), dim=-1)
+    @property
+    def reranker(self) -> DualEncoderReranker:
+        return self.composer.reranker
+
+    def _stage1(self, refs: torch.Tensor, texts: list[str], rows: torch.Tensor) -> torch.Tensor:
+        """Stage-I cosines of each query with candidate rows of the token table: (B, B) or (B, K)."""
+        query = self.composer.compose(refs, texts)
+        cls = self.tokens.first()[rows.flatten()]
+        gallery = self.composer.gallery_vectors(cls).view(*rows.shape, -1).to(query.dtype)
         return query @ gallery.T if rows.dim() == 1 else torch.einsum("bd,bkd->bk", query, gallery)
 
     def training_step(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        self.filter.train(cfg.stage1_train_mode)
+        self.composer.first.train(cfg.stage1_train_mode)
         refs = self.tokens[batch["reference"]]
         with torch.no_grad():
-            z_t, ids, mask = grounded_states(self.filter, batch["text"], refs, cfg.max_text_length)
+            z_t, ids, mask = self.composer.grounded_states(refs, batch["text"])
         out: dict[str, torch.Tensor] = {}
         if cfg.loss in ("in_batch", "mixed"):
             targets = self.tokens[batch["target"]]
@@ -142,7 +147,7 @@ class RerankerStage(nn.Module):
                 scores = self.reranker.topk_scores(z_t, ids, mask, pairs, chunk_size=cfg.chunk_size)
             if cfg.residual:
                 with torch.no_grad():
-                    stage1 = self._stage1(z_t, batch["target"])
+                    stage1 = self._stage1(refs, batch["text"], batch["target"])
                 scores = scores + cfg.residual_scale * stage1
             out["loss_in_batch"] = diagonal_ce(scores)
         if cfg.loss in ("topk", "mixed"):
@@ -151,7 +156,7 @@ class RerankerStage(nn.Module):
                                                chunk_size=cfg.chunk_size)
             if cfg.residual:
                 with torch.no_grad():
-                    stage1 = self._stage1(z_t, cand)
+                    stage1 = self._stage1(refs, batch["text"], cand)
                 scores = scores + cfg.residual_scale * stage1
             out["loss_topk"] = F.cross_entropy(scores, batch["label"])
         loss = sum(out.values())
@@ -186,9 +191,10 @@ class CandidateTriplets(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def hard_candidates(composer: GroundedComposer, data: FeatureTriplets, tokens: RowTable, k: int,
+def hard_candidates(composer: Composer, data: FeatureTriplets, tokens: RowTable, k: int,
                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(candidates (Q, k) token-table rows, labels (Q,))`` of every training query of ``data``,
+    """``(candidates (Q, k) token-table rows, labels (Q,))`` of every training query of ``data``
+    under ``composer`` (one that reads cached tokens: the filter, or a re-ranker's first stage),
     drawn from the images of ``data``'s own triplets (one FashionIQ category at a time); the label
     is -1 where the target is not among the candidates."""
     rows = sorted({data.rows[i] for q in data.queries for i in (q.reference, q.target)})
@@ -220,6 +226,18 @@ def _filter_backbone(backbone: Backbone) -> BlipBackbone:
     return backbone
 
 
+def first_stage(cfg: ExperimentConfig) -> Composer:
+    """Stage II's first stage: the model folder in ``model.backbone`` (the filter, or any composer
+    on a BLIP backbone), or the untrained grounded filter of a bare BLIP backbone folder."""
+    if cfg.model.backbone and (Path(cfg.model.backbone) / "composer.json").is_file():
+        first = load(cfg.model.backbone)
+        if isinstance(first, RerankComposer):
+            raise ValueError(f"method rerank: {cfg.model.backbone} is a re-ranking model already; give its first stage")
+        _filter_backbone(first.backbone)
+        return first
+    return GroundedComposer(_filter_backbone(stage_backbone(cfg, "method rerank")), recipe_of(cfg, cfg.method))
+
+
 def _triplets(cfg: ExperimentConfig, backbone: Backbone):
     splits = training_splits(cfg)
     table, rows = image_table(backbone, splits, cfg, triplet_ids, tokens=True)
@@ -231,26 +249,28 @@ def _triplets(cfg: ExperimentConfig, backbone: Backbone):
 def build(cfg: ExperimentConfig) -> Stage:
     """The stage's module, its training triplets over cached image tokens, and its composer."""
     rcfg = cfg.method
-    backbone = _filter_backbone(stage_backbone(cfg, "method rerank"))
-    tokens, train_data = _triplets(cfg, backbone)
-    recipe = recipe_of(cfg, rcfg)
     if rcfg.stage == "filter":
+        backbone = _filter_backbone(stage_backbone(cfg, "method rerank"))
+        tokens, train_data = _triplets(cfg, backbone)
+        recipe = recipe_of(cfg, rcfg)
         return composer_stage(cfg, FilterStage(backbone, tokens, rcfg), train_data,
                               lambda m: GroundedComposer(m.backbone, recipe),
                               topk_depths=rcfg.topk_depths, max_queries=rcfg.eval_queries)
+    first = first_stage(cfg)
+    backbone = first.backbone
+    tokens, train_data = _triplets(with_recipe_images(cfg, first), backbone)
     init = load_backbone(backbone_folder(rcfg.reranker_init), kind="blip") if rcfg.reranker_init else backbone
     reranker = DualEncoderReranker.from_text_encoder(_filter_backbone(init).text_encoder,
                                                      enc_token_id=backbone.enc_token_id, merge=rcfg.merge)
+    composer = RerankComposer(first, reranker, k=rcfg.k, chunk_size=rcfg.chunk_size,
+                              residual_scale=rcfg.residual_scale if rcfg.residual else None,
+                              candidate_input=rcfg.candidate_input)
     if rcfg.loss != "in_batch":
-        filt = GroundedComposer(backbone.to(distributed.default_device()), recipe)  # mined where it trains
+        composer.to(distributed.default_device())  # mined where it trains
         parts = train_data.datasets if isinstance(train_data, torch.utils.data.ConcatDataset) else [train_data]
-        parts = [CandidateTriplets(d, *hard_candidates(filt, d, tokens, rcfg.train_k)) for d in parts]
+        parts = [CandidateTriplets(d, *hard_candidates(composer, d, tokens, rcfg.train_k)) for d in parts]
         print(f"re-ranker training lists: {sum(len(p) for p in parts)} of {sum(len(p.base) for p in parts)} "
-              f"training queries have their target in the filter's top {rcfg.train_k}", flush=True)
+              f"training queries have their target in the first stage's top {rcfg.train_k}", flush=True)
         train_data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-    model = RerankerStage(reranker, backbone, tokens, rcfg)
-    scale = rcfg.residual_scale if rcfg.residual else None
-    return composer_stage(cfg, model, train_data,
-                          lambda m: RerankComposer(m.filter, recipe, m.reranker, k=rcfg.k, chunk_size=rcfg.chunk_size,
-                                                   residual_scale=scale, candidate_input=rcfg.candidate_input),
+    return composer_stage(cfg, RerankerStage(composer, tokens, rcfg), train_data, lambda m: m.composer,
                           max_queries=rcfg.eval_queries)

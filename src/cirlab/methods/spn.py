@@ -42,7 +42,7 @@ from cirlab.data.captioners import CaptionCache, CaptionerConfig, build_captione
 from cirlab.data.dedup import duplicate_map
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, composer_stage, image_table, method_splits,
-                                   stage_config, training_splits, triplet_ids)
+                                   stage_config, training_splits, triplet_ids, with_recipe_images)
 from cirlab.utils.io import atomic_write_json
 
 # SPN's p_list: 0, 1, 2 (get_cir_data.py)
@@ -100,17 +100,10 @@ def base_composer(cfg: ExperimentConfig) -> Composer:
     return composer
 
 
-def _with_recipe_images(cfg: ExperimentConfig, composer: Composer) -> ExperimentConfig:
-    """``cfg`` with the image preprocessing of ``composer``, so cached features match its own."""
-    data = cfg.data.model_copy(update={"transform": composer.recipe.transform,
-                                       "target_ratio": composer.recipe.target_ratio})
-    return cfg.model_copy(update={"data": data})
-
-
 def _feature_table(composer: Composer, splits: list[CIRSplit], cfg: ExperimentConfig,
                    ids_of) -> tuple[torch.Tensor | RowTable, dict[str, int]]:
     tokens = "tokens" in (composer.gallery_field, composer.reference_field)
-    table, rows = image_table(composer.backbone, splits, _with_recipe_images(cfg, composer), ids_of, tokens=tokens)
+    table, rows = image_table(composer.backbone, splits, with_recipe_images(cfg, composer), ids_of, tokens=tokens)
     return table["tokens" if tokens else "embeds"], rows
 
 
