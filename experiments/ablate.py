@@ -300,19 +300,23 @@ def chain(args: argparse.Namespace) -> Table:
             run1 = args.out / f"{tag(name)}-s{seed}"
             first = run_train(config, run1, [data, f"model.backbone={args.backbone}", f"seed={seed}", *sets,
                                              *args.stage1_set])
-            table.add(name, next(iter(eval_model(first, args.out / f"eval-{tag(name)}-s{seed}", args.data).values())),
-                      run1, metric)
+            table.add(name, _forward(eval_model(first, args.out / f"eval-{tag(name)}-s{seed}", args.data)), run1, metric)
             run2 = args.out / f"spn-{tag(name)}-s{seed}"
             spn_model = run_train(SPN / "shapes_bank.yaml", run2, [data, f"model.backbone={first}", f"seed={seed}",
                                                                   *spn_sets, *args.stage2_set])
             m = eval_model(spn_model, args.out / f"eval-spn-{tag(name)}-s{seed}", args.data)
-            table.add(f"{name} -> SPN bank stage", next(iter(m.values())), run2, "Avg")
+            table.add(f"{name} -> SPN bank stage", _forward(m), run2, "Avg")
             run3 = args.out / f"rerank-{tag(name)}-s{seed}"
             reranker = run_train(RR / "shapes_reranker.yaml", run3, [data, f"model.backbone={spn_model}", f"seed={seed}"])
             m = eval_model(reranker, args.out / f"eval-rerank-{tag(name)}-s{seed}", args.data,
                            "--rerank-k", str(args.ks[0]))
             table.add(f"{name} -> SPN -> re-ranker, rerank@{args.ks[0]}", m[f"rerank@{args.ks[0]}"], run3, "R@1")
     return table
+
+
+def _forward(m: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A first stage's forward row: ``forward`` for bi-directional models, else its only row."""
+    return m["forward"] if "forward" in m else next(iter(m.values()))
 
 
 def report(path: Path, plot: Path | None, columns: list[str]) -> str:

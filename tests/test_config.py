@@ -94,10 +94,10 @@ def test_shipped_shapes_configs_point_where_the_demo_writes():
         assert cfg.data.root == f"{out}/shapes" and cfg.model.backbone == f"{out}/pretrain-blip/backbone"
     assert load_config(CONFIG_ROOT / "bidirectional" / "shapes_combiner.yaml").model.backbone == f"{out}/bi-text/model"
     reranker = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml")
-    assert reranker.model.backbone == f"{out}/spn-bank/model"  # the demo's chain: filter -> SPN -> re-ranker
+    assert reranker.model.backbone == f"{out}/spn-bank/model"  # the demo's chain: stage I -> SPN -> re-ranker
     assert reranker.method.reranker_init is None  # initialised from the first stage it re-ranks
-    assert load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml").model.backbone == f"{out}/rerank-filter/model"
-    for stage in ('"bi-text"', '"rerank-filter"', '"pretrain-blip"', '"spn-bank"', '"pic2word"', '"rtd"'):
+    assert load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml").model.backbone == f"{out}/bi-text/model"
+    for stage in ('"bi-text"', '"pretrain-blip"', '"spn-bank"', '"rerank-reranker"', '"pic2word"', '"rtd"'):
         assert stage in source
 
 
@@ -106,7 +106,7 @@ def test_demo_overrides_are_valid_fields_of_their_configs():
     from cirlab.cli import demo
 
     configs = {"pretrain": ("pretrain", "shapes_blip"), "bi-text": ("bidirectional", "shapes_text"),
-               "bi-combiner": ("bidirectional", "shapes_combiner"), "rerank-filter": ("rerank", "shapes_filter"),
+               "bi-combiner": ("bidirectional", "shapes_combiner"),
                "rerank-reranker": ("rerank", "shapes_reranker"), "spn-bank": ("spn", "shapes_bank"),
                "pic2word": ("projection", "shapes_pic2word"), "rtd": ("projection", "shapes_rtd")}
     for overrides in (demo.QUICK, demo.DEMO):

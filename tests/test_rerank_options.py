@@ -252,3 +252,28 @@ def test_the_reranker_trains_over_a_bi_blip4cir_model_folder(tiny_shapes, tiny_p
     with pytest.raises(ValueError, match="re-ranking model already"):
         rerank.build(load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml", [
             f"data.root={tiny_shapes}", f"model.backbone={stage.export(stage.model, tmp_path / 'rr', {})}"]))
+
+
+def test_the_fitted_residual_scale_recovers_the_temperature_the_labels_were_drawn_at():
+    """Labels drawn from softmax(40 x cosines) give back a scale near 40: the zero-head residual model
+    is then the first stage's own best-calibrated listwise model; lists without a target are ignored."""
+    gen = torch.Generator().manual_seed(0)
+    cos = torch.rand(4000, 8, generator=gen) * 0.2
+    labels = torch.multinomial(torch.softmax(40 * cos, dim=1), 1, generator=gen).squeeze(1)
+    labels[:100] = -1
+    assert rerank.calibrated_scale(cos, labels) == pytest.approx(40, rel=0.1)
+    with pytest.raises(ValueError, match="no training list"):
+        rerank.calibrated_scale(cos[:3], torch.full((3,), -1))
+    with pytest.raises(ValueError, match="needs loss topk or mixed"):
+        rerank.RerankerConfig(residual=True, residual_scale="auto", loss="in_batch")
+    rerank.RerankerConfig(residual=False, residual_scale="auto", loss="in_batch")  # the official recipe: no residual
+
+
+def test_an_auto_residual_scale_is_fitted_before_training_and_saved(tiny_shapes, tiny_pretrained_blip, tmp_path):
+    cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml",
+                      [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}", "method.train_k=4",
+                       "method.residual_scale=auto"])
+    stage = rerank.build(cfg)
+    scale = stage.model.composer.residual_scale
+    assert isinstance(scale, float) and 1 <= scale <= 1000
+    assert cirlab.load(stage.export(stage.model, tmp_path / "m", {})).residual_scale == scale

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from cirlab.composers import Composer, GroundedComposer, RerankComposer, load
@@ -68,7 +68,17 @@ class RerankerConfig(RerankConfig):
         "train_k hardest candidates from the filter (what it must rank at test time); mixed: their sum")
     train_k: int = Field(16, ge=2, description="topk/mixed: candidates per training query, the target among them")
     residual: bool = Field(False, description="score = residual_scale x stage-I cosine + a head initialised to 0")
-    residual_scale: float = Field(1 / 0.07, gt=0, description="residual: the stage-I cosine as a logit")
+    residual_scale: float | Literal["auto"] = Field(
+        1 / 0.07, description="residual: the stage-I cosine as a logit (BLIP's ITC scale); auto: the scale that "
+        "fits the first stage's own sharpness on the training lists (loss topk or mixed)")
+
+    @model_validator(mode="after")
+    def _auto_needs_lists(self) -> "RerankerConfig":
+        if self.residual and self.residual_scale == "auto" and self.loss == "in_batch":
+            raise ValueError("residual_scale: auto is fitted on the training lists; it needs loss topk or mixed")
+        if self.residual_scale != "auto" and self.residual_scale <= 0:
+            raise ValueError(f"residual_scale must be > 0 or auto, got {self.residual_scale}")
+        return self
     candidate_input: CandidateInput = Field(
         "image", description="what the re-ranker cross-attends to: the candidate's image tokens (official) or "
         "the candidate's tokens minus the reference's (what changed)")
@@ -148,7 +158,7 @@ class RerankerStage(nn.Module):
             if cfg.residual:
                 with torch.no_grad():
                     stage1 = self._stage1(refs, batch["text"], batch["target"])
-                scores = scores + cfg.residual_scale * stage1
+                scores = scores + self.composer.residual_scale * stage1
             out["loss_in_batch"] = diagonal_ce(scores)
         if cfg.loss in ("topk", "mixed"):
             cand = batch["candidates"]
@@ -157,7 +167,7 @@ class RerankerStage(nn.Module):
             if cfg.residual:
                 with torch.no_grad():
                     stage1 = self._stage1(refs, batch["text"], cand)
-                scores = scores + cfg.residual_scale * stage1
+                scores = scores + self.composer.residual_scale * stage1
             out["loss_topk"] = F.cross_entropy(scores, batch["label"])
         loss = sum(out.values())
         return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
@@ -193,8 +203,8 @@ class CandidateTriplets(torch.utils.data.Dataset):
 @torch.no_grad()
 def hard_candidates(composer: Composer, data: FeatureTriplets, tokens: RowTable, k: int,
                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(candidates (Q, k) token-table rows, labels (Q,))`` of every training query of ``data``
-    under ``composer`` (one that reads cached tokens: the filter, or a re-ranker's first stage),
+    """``(candidates (Q, k) token-table rows, labels (Q,), their stage-I cosines (Q, k))`` of every
+    training query of ``data`` under ``composer`` (one that reads cached tokens: the filter, or a re-ranker's first stage),
     drawn from the images of ``data``'s own triplets (one FashionIQ category at a time); the label
     is -1 where the target is not among the candidates."""
     rows = sorted({data.rows[i] for q in data.queries for i in (q.reference, q.target)})
@@ -202,7 +212,8 @@ def hard_candidates(composer: Composer, data: FeatureTriplets, tokens: RowTable,
     gallery = torch.cat([composer.gallery_vectors(tokens.first()[torch.tensor(rows[s:s + batch_size], device=device)])
                          for s in range(0, len(rows), batch_size)])
     row_ids = torch.tensor(rows)
-    candidates, labels = [], []
+    column = {r: j for j, r in enumerate(rows)}
+    candidates, labels, cosines = [], [], []
     for s in range(0, len(data.queries), batch_size):
         chunk = data.queries[s:s + batch_size]
         refs = tokens[torch.tensor([data.rows[q.reference] for q in chunk], device=device)]
@@ -214,7 +225,22 @@ def hard_candidates(composer: Composer, data: FeatureTriplets, tokens: RowTable,
             order = [r for r in row_ids[best].tolist() if r not in banned][:k]
             candidates.append(order)
             labels.append(order.index(target) if target in order else -1)
-    return torch.tensor(candidates), torch.tensor(labels)
+            cosines.append(sim[i, [column[r] for r in order]])
+    return torch.tensor(candidates), torch.tensor(labels), torch.stack(cosines)
+
+
+def calibrated_scale(cosines: torch.Tensor, labels: torch.Tensor) -> float:
+    """The scale s minimising the listwise cross-entropy of s x stage-I cosines (lists whose label is
+    >= 0). A residual re-ranker whose head starts at 0 is then the first stage's best-calibrated
+    listwise model: a fixed 1/0.07 suits the filter, but left a sum model trained at 1/0.02 nearly
+    uniform over its top 8 (step-0 loss 2.05 against ln 8 = 2.08), so the head had to rank from scratch."""
+    keep = labels >= 0
+    if not keep.any():
+        raise ValueError("method rerank: no training list holds its target; cannot fit residual_scale")
+    cos, lab = cosines[keep].double(), labels[keep]
+    grid = torch.logspace(0, 3, 301, dtype=torch.float64)  # 1 .. 1000; the loss is convex in s
+    losses = torch.stack([F.cross_entropy(s * cos, lab) for s in grid])
+    return float(grid[losses.argmin()])
 
 
 # -- the method interface (cirlab train) -------------------------------------------------------------
@@ -262,13 +288,18 @@ def build(cfg: ExperimentConfig) -> Stage:
     init = load_backbone(backbone_folder(rcfg.reranker_init), kind="blip") if rcfg.reranker_init else backbone
     reranker = DualEncoderReranker.from_text_encoder(_filter_backbone(init).text_encoder,
                                                      enc_token_id=backbone.enc_token_id, merge=rcfg.merge)
+    fixed = rcfg.residual and rcfg.residual_scale != "auto"
     composer = RerankComposer(first, reranker, k=rcfg.k, chunk_size=rcfg.chunk_size,
-                              residual_scale=rcfg.residual_scale if rcfg.residual else None,
+                              residual_scale=rcfg.residual_scale if fixed else None,
                               candidate_input=rcfg.candidate_input)
     if rcfg.loss != "in_batch":
         composer.to(distributed.default_device())  # mined where it trains
         parts = train_data.datasets if isinstance(train_data, torch.utils.data.ConcatDataset) else [train_data]
-        parts = [CandidateTriplets(d, *hard_candidates(composer, d, tokens, rcfg.train_k)) for d in parts]
+        mined = [hard_candidates(composer, d, tokens, rcfg.train_k) for d in parts]
+        if rcfg.residual and not fixed:
+            composer.residual_scale = calibrated_scale(torch.cat([m[2] for m in mined]), torch.cat([m[1] for m in mined]))
+            print(f"residual_scale: {composer.residual_scale:.2f}, fitted on the training lists", flush=True)
+        parts = [CandidateTriplets(d, cand, labels) for d, (cand, labels, _) in zip(parts, mined)]
         print(f"re-ranker training lists: {sum(len(p) for p in parts)} of {sum(len(p.base) for p in parts)} "
               f"training queries have their target in the first stage's top {rcfg.train_k}", flush=True)
         train_data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
