@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cirlab.composers import QueryRecipe, SumComposer
+from cirlab.composers import GroundedComposer, QueryRecipe, RerankComposer, SumComposer
 from cirlab.methods import bidirectional as bi
 from cirlab.methods import rerank
 from cirlab.methods.common import RowTable, diagonal_ce
@@ -240,7 +240,8 @@ def profile(sizes: Sizes, device: torch.device, budget_s: float, row_budget_s: f
     def reranker():
         b = sizes.reranker_batch
         model = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id)
-        stage = rerank.RerankerStage(model, copy.deepcopy(blip), token_table(2 * b),
+        first = GroundedComposer(copy.deepcopy(blip), QueryRecipe())
+        stage = rerank.RerankerStage(RerankComposer(first, model), token_table(2 * b),
                                      rerank.RerankerConfig(gradient_checkpointing=True)).train()
         batch = {"reference": torch.arange(b, device=device), "target": torch.arange(b, 2 * b, device=device),
                  "text": [TEXT] * b}
