@@ -242,7 +242,7 @@ def test_the_reranker_trains_over_a_bi_blip4cir_model_folder(tiny_shapes, tiny_p
         refs = stage.model.tokens[batch["reference"]]
         direct = first.compose(first.backbone.vision_proj(refs[:, 0]), batch["text"]) @ first.gallery_vectors(
             first.backbone.vision_proj(stage.model.tokens[batch["candidates"].flatten()][:, 0])).T
-        got = stage.model._stage1(refs, batch["text"], batch["candidates"])
+        got = stage.model._stage1(stage.model.composer.compose(refs, batch["text"]), batch["candidates"])
     assert torch.allclose(got, direct.view(4, 4, 4).diagonal(dim1=0, dim2=1).T, atol=1e-5)
     assert item["candidates"][item["label"]] == item["target"]
     out = stage.model.training_step(batch)

@@ -134,9 +134,8 @@ class RerankerStage(nn.Module):
     def reranker(self) -> DualEncoderReranker:
         return self.composer.reranker
 
-    def _stage1(self, refs: torch.Tensor, texts: list[str], rows: torch.Tensor) -> torch.Tensor:
-        """Stage-I cosines of each query with candidate rows of the token table: (B, B) or (B, K)."""
-        query = self.composer.compose(refs, texts)
+    def _stage1(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Stage-I cosines of composed queries with candidate rows of the token table: (B, B) or (B, K)."""
         cls = self.tokens.first()[rows.flatten()]
         gallery = self.composer.gallery_vectors(cls).view(*rows.shape, -1).to(query.dtype)
         return query @ gallery.T if rows.dim() == 1 else torch.einsum("bd,bkd->bk", query, gallery)
@@ -147,6 +146,7 @@ class RerankerStage(nn.Module):
         refs = self.tokens[batch["reference"]]
         with torch.no_grad():
             z_t, ids, mask = self.composer.grounded_states(refs, batch["text"])
+            query = self.composer.compose(refs, batch["text"]) if cfg.residual else None  # once per step
         out: dict[str, torch.Tensor] = {}
         if cfg.loss in ("in_batch", "mixed"):
             targets = self.tokens[batch["target"]]
@@ -156,18 +156,14 @@ class RerankerStage(nn.Module):
                 pairs = candidate_tokens(targets[None].expand(len(targets), -1, -1, -1), refs, cfg.candidate_input)
                 scores = self.reranker.topk_scores(z_t, ids, mask, pairs, chunk_size=cfg.chunk_size)
             if cfg.residual:
-                with torch.no_grad():
-                    stage1 = self._stage1(refs, batch["text"], batch["target"])
-                scores = scores + self.composer.residual_scale * stage1
+                scores = scores + self.composer.residual_scale * self._stage1(query, batch["target"])
             out["loss_in_batch"] = diagonal_ce(scores)
         if cfg.loss in ("topk", "mixed"):
             cand = batch["candidates"]
             scores = self.reranker.topk_scores(z_t, ids, mask, candidate_tokens(self.tokens[cand], refs, cfg.candidate_input),
                                                chunk_size=cfg.chunk_size)
             if cfg.residual:
-                with torch.no_grad():
-                    stage1 = self._stage1(refs, batch["text"], cand)
-                scores = scores + self.composer.residual_scale * stage1
+                scores = scores + self.composer.residual_scale * self._stage1(query, cand)
             out["loss_topk"] = F.cross_entropy(scores, batch["label"])
         loss = sum(out.values())
         return {"loss": loss, **{k: v.detach() for k, v in out.items()}}
