@@ -48,6 +48,10 @@ BI_STAGE1 = {
     "bi w=0.4, 10%": ["method.reverse_weight=0.4", "data.train_fraction=0.1"],
     "forward, 25%": ["method.reverse_weight=0", "data.train_fraction=0.25"],
     "bi w=0.4, 25%": ["method.reverse_weight=0.4", "data.train_fraction=0.25"],
+    "bi w=0.4, reference negatives, 10%": ["method.reverse_weight=0.4", "method.reversed_negatives=references",
+                                           "data.train_fraction=0.1"],
+    "bi w=0.4, reference negatives, 25%": ["method.reverse_weight=0.4", "method.reversed_negatives=references",
+                                           "data.train_fraction=0.25"],
 }
 # Stage-II variants, each over the stage-I model of the variant named first.
 BI_STAGE2 = {
