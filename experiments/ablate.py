@@ -351,10 +351,12 @@ def _plot(data: dict, path: Path) -> None:
     bar.barh(names, means, xerr=stds, capsize=3, color="tab:blue")
     bar.set_xlabel("R@1 on shapes test (%), mean ± std over seeds")
     bar.tick_params(axis="y", labelsize=7)
-    for r in rows:
-        if r.get("val_curve"):
-            steps, vals = zip(*r["val_curve"])
-            lines.plot(steps, vals, marker=".", label=r["name"])
+    curves = [r for r in rows if r.get("val_curve")]
+    if len(curves) > 10:  # past the default cycle's 10 colours, two curves would share one
+        lines.set_prop_cycle(color=plt.cm.tab20.colors[:len(curves)])
+    for r in curves:
+        steps, vals = zip(*r["val_curve"])
+        lines.plot(steps, vals, marker=".", label=r["name"])
     lines.set_xlabel("training step")
     lines.set_ylabel("validation (selection metric), mean over seeds")
     lines.legend(fontsize=6)
