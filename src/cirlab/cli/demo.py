@@ -52,7 +52,7 @@ QUICK = {
                  "trainer.epochs=3", "trainer.optimizer.lr=1.0e-3", "trainer.batch_size=64", "method.eval_images=200"],
     "pic2word": ["trainer.epochs=1"],
     "rtd": ["trainer.optimizer.lr=1.0e-4", "trainer.max_steps=10", "trainer.eval_every_steps=10",
-            "trainer.eval_at_start=false"],  # at the config's lr, 10 steps tie step 0 on R@1, which then wins
+            "trainer.eval_at_start=false"],  # 10 steps can tie step 0 on R@1, and step 0 would then win
     "bi-text": ["trainer.epochs=2"],
     "bi-combiner": ["method.projection_dim=128", "method.hidden_dim=128"],
     "spn-bank": ["trainer.max_steps=10", "trainer.eval_every_steps=10"],

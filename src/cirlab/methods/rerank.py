@@ -134,6 +134,7 @@ class RerankerStage(nn.Module):
     def reranker(self) -> DualEncoderReranker:
         return self.composer.reranker
 
+    @torch.no_grad()
     def _stage1(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Stage-I cosines of composed queries with candidate rows of the token table: (B, B) or (B, K)."""
         cls = self.tokens.first()[rows.flatten()]
