@@ -18,13 +18,20 @@ from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.torch_data import make_loader
 from cirlab.methods import pretrain
 
+CONV = "vision_hidden: 256, stage_channels: [16, 32, 64, 128]"
+# name -> the ``--set`` overrides of configs/pretrain/shapes_blip.yaml (text layers from MiniLM unless "random")
 SIZES = {
     "text 4, conv [32, 64, 128, 128] (before session 5)":
-        "{embed_dim: 256, text_layers: 4, vision_hidden: 256, stage_channels: [32, 64, 128, 128]}",
-    "text 4, conv [16, 32, 64, 128]": "{embed_dim: 256, text_layers: 4, vision_hidden: 256, stage_channels: [16, 32, 64, 128]}",
+        ["model.small={embed_dim: 256, text_layers: 4, vision_hidden: 256, stage_channels: [32, 64, 128, 128]}"],
+    "text 4, conv [16, 32, 64, 128]": [f"model.small={{embed_dim: 256, text_layers: 4, {CONV}}}"],
     "text 4, conv [16, 32, 64, 128], embed / vision 128":
-        "{embed_dim: 128, text_layers: 4, vision_hidden: 128, stage_channels: [16, 32, 64, 128]}",
-    "text 2, conv [16, 32, 64, 128] (shipped)": "{embed_dim: 256, text_layers: 2, vision_hidden: 256, stage_channels: [16, 32, 64, 128]}",
+        ["model.small={embed_dim: 128, text_layers: 4, vision_hidden: 128, stage_channels: [16, 32, 64, 128]}"],
+    "text 2, conv [16, 32, 64, 128] (configs/pretrain/shapes_blip.yaml)": [f"model.small={{embed_dim: 256, text_layers: 2, {CONV}}}"],
+    "text 1, conv [16, 32, 64, 128]": [f"model.small={{embed_dim: 256, text_layers: 1, {CONV}}}"],
+    "text 2 random, 256 wide": ["model.init_text=random",
+                                f"model.small={{embed_dim: 256, text_hidden: 256, text_heads: 4, text_layers: 2, {CONV}}}"],
+    "text 2 random, 128 wide (make demo)": ["model.init_text=random",
+                                            f"model.small={{embed_dim: 256, text_hidden: 128, text_heads: 4, text_layers: 2, {CONV}}}"],
 }
 
 
@@ -32,13 +39,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="runs/demo/shapes")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--only", nargs="*", help="measure just the sizes whose name contains one of these")
     args = p.parse_args()
     torch.set_num_threads(2)
     print("| small BLIP | parameters | fp32 s / step |\n|---|---|---|")
-    for name, small in SIZES.items():
+    for name, sets in SIZES.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
         torch.manual_seed(0)
         stage = pretrain.build(load_config(CONFIG_ROOT / "pretrain" / "shapes_blip.yaml",
-                                           [f"data.root={args.root}", f"model.small={small}"]))
+                                           [f"data.root={args.root}", *sets]))
         model = stage.model.train()
         batch = next(iter(make_loader(stage.train_data, 128, shuffle=True)))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

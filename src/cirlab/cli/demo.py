@@ -3,7 +3,8 @@
 1. generate shapes (2000 training scenes, half the default scale, so that the whole demo fits 20
    minutes on a 2-core CPU in fp32; val and test at default scale), print its statistics, draw
    sample triplets;
-2. pretrain the small BLIP on the scene captions (resumed if a previous demo was cut short);
+2. pretrain the small BLIP (a random 128-wide text encoder) on the scene captions (resumed if a
+   previous demo was cut short);
 3. evaluate the zero-shot composed baselines on shapes test;
 4. projection-based zero-shot CIR: a Pic2Word-style Phi on the small BLIP's unimodal encoders, then
    RTD (its text encoder tuned with the generator's text triplets);
@@ -39,19 +40,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo)
 
 
-# --quick: a small shapes set, a smaller BLIP, short budgets (per step: extra `--set`s). Pretraining
-# was most of it (2:55 of 4:36 in fp32 on the AVX512 EPYC, session 17) while its text encoder was
-# MiniLM's 384-wide layers; a random 128-wide one reaches the same val t2i R@1 (41.1 after 4 epochs
-# against 39.0; 40.5 after 3 at twice the lr) at a third of the cost. The Combiner is 128 wide
-# (its B x B reversed pairs cost most of stage II). The re-ranker steps on batches of 4.
+# Both demos pretrain a BLIP whose text encoder is a random 128-wide, 2-layer one instead of
+# MiniLM's first two 384-wide layers (configs/pretrain/shapes_blip.yaml): an fp32 pretraining step
+# costs 0.65 s instead of 1.89 (benchmarks/bench_blip_sizes.py), and every later stage that runs the
+# text encoder is cheaper too. At two epochs and twice the lr it reaches val t2i R@1 33.0, against
+# 19.0 for MiniLM's one epoch.
+TEXT = "text_hidden: 128, text_heads: 4, text_layers: 2"
+# Its caption embeddings are small (norm 6.6 in 256 dimensions), so RTD's official noise (s = 0.5:
+# expected norm 0.25 * sqrt(256) = 4) drowns the reference; val R@1 fell from 4.5 at any lr. At
+# s = 0.1 it rises (4.6 -> 5.6 in 40 steps).
+RTD_NOISE = "method.noise=0.1"
+
+# --quick: a small shapes set, a smaller BLIP, short budgets (per step: extra `--set`s). The Combiner
+# is 128 wide (its B x B reversed pairs cost most of stage II). The re-ranker steps on batches of 4.
 QUICK = {
     "synth": ["--train-scenes", "400", "--val-scenes", "40", "--test-scenes", "60"],
     "pretrain": ["model.init_text=random",
-                 "model.small={embed_dim: 64, text_hidden: 128, text_heads: 4, text_layers: 2, vision_hidden: 64, "
-                 "stage_channels: [16, 32, 64, 64]}",
+                 f"model.small={{embed_dim: 64, {TEXT}, vision_hidden: 64, stage_channels: [16, 32, 64, 64]}}",
                  "trainer.epochs=3", "trainer.optimizer.lr=1.0e-3", "trainer.batch_size=64", "method.eval_images=200"],
     "pic2word": ["trainer.epochs=1"],
-    "rtd": ["trainer.optimizer.lr=1.0e-4", "trainer.max_steps=10", "trainer.eval_every_steps=10",
+    "rtd": ["trainer.optimizer.lr=1.0e-4", RTD_NOISE, "trainer.max_steps=10", "trainer.eval_every_steps=10",
             "trainer.eval_at_start=false"],  # 10 steps can tie step 0 on R@1, and step 0 would then win
     "bi-text": ["trainer.epochs=2"],
     "bi-combiner": ["method.projection_dim=128", "method.hidden_dim=128"],
@@ -59,17 +67,20 @@ QUICK = {
     "rerank-reranker": ["trainer.max_steps=10", "trainer.batch_size=4", "method.eval_queries=40"],
 }
 
-
-# the full demo: half the training scenes. On the small BLIP, Phi's val R@1 stays at its step-0 level
-# (2.15, 2.05, 2.15 after epochs 0, 1, 2; Avg 17.0 -> 22.8): until session 17 the Phi configs evaluated
-# step 0 and the untrained Phi won the selection on a tie; they no longer do. RTD runs 80 steps
-# at lr 1e-4 instead of the official 1e-5 (val R@1 2.95 -> 6.30 in 87 s; 312 steps at 1e-5 took 4:52
-# for 4.45). SPN's bank stage runs 80 of the config's 300 steps. The re-ranker re-scores the top 10,
-# not 20 (level on shapes test over 3 seeds, docs/results.md, and half the pairs), validated on 250
-# val queries, and stops after 120 steps (on a 2-core AVX2-only EPYC the whole epoch put the
-# fresh-clone demo at 20:24); it is tested on the first 500 test queries.
-DEMO = {"pic2word": ["trainer.epochs=2"],
-        "rtd": ["trainer.optimizer.lr=1.0e-4", "trainer.max_steps=80", "trainer.eval_every_steps=40"],
+# the full demo: half the training scenes. RTD runs 60 steps at lr 1e-4 instead of the official 1e-5
+# (its val R@1 peaks at step 40). Stage I trains 3 epochs (val R@1 14.4, 16.0, 16.0), the Combiner
+# is 256 wide (half the time of 512, level on val). SPN's bank stage runs 80 of the config's 300
+# steps. The re-ranker re-scores the top 10, not 20 (level on shapes test over 3 seeds,
+# docs/results.md, and half the pairs), validated on 250 val queries, and stops after 120 steps; it
+# is tested on the first 500 test queries. 7:02 in fp32 on the AVX512 EPYC (12:14 with MiniLM's
+# layers), to fit 20 minutes with install on CPUs up to about 2.3 times slower (README).
+DEMO = {"pretrain": ["model.init_text=random",
+                     f"model.small={{embed_dim: 256, {TEXT}, vision_hidden: 256, stage_channels: [16, 32, 64, 128]}}",
+                     "trainer.epochs=2", "trainer.optimizer.lr=1.0e-3"],
+        "pic2word": ["trainer.epochs=2"],
+        "rtd": ["trainer.optimizer.lr=1.0e-4", RTD_NOISE, "trainer.max_steps=60", "trainer.eval_every_steps=20"],
+        "bi-text": ["trainer.epochs=3"],
+        "bi-combiner": ["method.projection_dim=256", "method.hidden_dim=256"],
         "spn-bank": ["trainer.max_steps=80", "trainer.eval_every_steps=40"],
         "rerank-reranker": ["method.k=10", "method.eval_queries=250", "trainer.max_steps=120"]}
 
