@@ -57,6 +57,8 @@ BI_STAGE1 = {
 BI_STAGE2 = {
     "stage II forward": ("bi w=0.4", ["method.reverse_weight=0"]),
     "stage II bi w=0.5": ("bi w=0.4", ["method.reverse_weight=0.5"]),
+    **{f"stage II {arm}, {pct}%": (f"bi w=0.4, {pct}%", [f"method.reverse_weight={w}", f"data.train_fraction={pct / 100}"])
+       for pct in (10, 25) for arm, w in (("forward", 0), ("bi w=0.5", 0.5))},
 }
 # Re-ranker variants over each seed's filter; the shapes config's default is "filter init, topk, residual,
 # difference". The other rows give the re-ranker the candidate's own tokens, as the paper does.
