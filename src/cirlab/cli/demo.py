@@ -42,17 +42,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # Both demos pretrain a BLIP whose text encoder is a random 128-wide, 2-layer one instead of
 # MiniLM's first two 384-wide layers (configs/pretrain/shapes_blip.yaml): an fp32 pretraining step
-# costs 0.65 s instead of 1.89 (benchmarks/bench_blip_sizes.py), and every later stage that runs the
-# text encoder is cheaper too. At two epochs and twice the lr it reaches val t2i R@1 32.9, against
+# costs 0.80 s instead of 2.35 (benchmarks/bench_blip_sizes.py), and the later stages that run the
+# text encoder are cheaper too (docs/results.md, session 18). At two epochs and twice the lr it reaches val t2i R@1 32.9, against
 # 19.0 for MiniLM's one epoch.
 TEXT = "text_hidden: 128, text_heads: 4, text_layers: 2"
 # Its caption embeddings are small (norm 6.6 in 256 dimensions), so RTD's official noise (s = 0.5:
 # expected norm 0.25 * sqrt(256) = 4) drowns the reference; val R@1 fell from 4.5 at any lr. At
-# s = 0.1 it rises (4.6 -> 5.6 in 40 steps).
+# s = 0.1 it rises (4.50 -> 5.90 in 40 steps, docs/results.md, session 18).
 RTD_NOISE = "method.noise=0.1"
 
 # --quick: a small shapes set, a smaller BLIP, short budgets (per step: extra `--set`s). Two
-# pretraining epochs (val t2i R@1 35.8; 40.5 after three) take half of its 72 s in fp32. The Combiner
+# pretraining epochs (val t2i R@1 35.8; 40.5 after three) take 36 s of its 72 in fp32. The Combiner
 # is 128 wide (its B x B reversed pairs cost most of stage II). The re-ranker steps on batches of 4.
 QUICK = {
     "synth": ["--train-scenes", "400", "--val-scenes", "40", "--test-scenes", "60"],
@@ -70,10 +70,10 @@ QUICK = {
 
 # the full demo: half the training scenes. RTD runs 60 steps at lr 1e-4 instead of the official 1e-5
 # (its val R@1 peaks at step 40). Stage I trains 3 epochs (val R@1 14.4, 16.0, 16.0), the Combiner
-# is 256 wide (half the time of 512, level on val). SPN's bank stage runs 80 of the config's 300
+# is 256 wide (46 s of training against 89 s at 512). SPN's bank stage runs 80 of the config's 300
 # steps. The re-ranker re-scores the top 10, not 20 (level on shapes test over 3 seeds,
 # docs/results.md, and half the pairs), validated on 250 val queries, and stops after 120 steps; it
-# is tested on the first 500 test queries. 7:02 in fp32 on the AVX512 EPYC (12:14 with MiniLM's
+# is tested on the first 500 test queries. 7:09 in fp32 on the AVX512 EPYC (12:14 with MiniLM's
 # layers), to fit 20 minutes with install on CPUs up to about 2.3 times slower (README).
 DEMO = {"pretrain": ["model.init_text=random",
                      f"model.small={{embed_dim: 256, {TEXT}, vision_hidden: 256, stage_channels: [16, 32, 64, 128]}}",
