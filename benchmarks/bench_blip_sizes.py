@@ -3,7 +3,7 @@
 One optimiser step (ITC + ITM on the configured fraction) on a real shapes batch, median of 3 after
 a warm-up, 2 threads:
 
-    python benchmarks/bench_blip_sizes.py --root runs/demo/shapes
+    python benchmarks/bench_blip_sizes.py --root runs/demo/shapes [--only "text 1" random ...]
 """
 
 from __future__ import annotations
