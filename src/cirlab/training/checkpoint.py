@@ -11,6 +11,7 @@ Everything in it is tensors and python values, so it loads with ``weights_only=T
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,15 @@ FORMAT = "cirlab-checkpoint-1"
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write to a temporary file in the same folder, then rename: a crash mid-write leaves
-    the previous checkpoint intact and no partial file behind."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    the previous checkpoint intact and no partial file behind. A failed write (on a full disk
+    torch says only "unexpected pos ...") is re-raised naming the file and the free space."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"format": FORMAT, **state}, tmp)
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(Path(path).parent).free / 2**20
+        raise OSError(f"could not write checkpoint {path} ({free:.0f} MiB free on its disk; the previous "
+                      f"checkpoint, if any, is intact): {e}") from e
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
