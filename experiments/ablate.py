@@ -60,6 +60,12 @@ BI_STAGE2 = {
     **{f"stage II {arm}, {pct}%": (f"bi w=0.4, {pct}%", [f"method.reverse_weight={w}", f"data.train_fraction={pct / 100}"])
        for pct in (10, 25) for arm, w in (("forward", 0), ("bi w=0.5", 0.5))},
 }
+# Filter (stage I) variants: "filter" is the shapes config; the others change one choice of its recipe.
+FILTERS = {
+    "filter": [],
+    "filter, frozen vision_proj": ["method.train_vision_proj=false"],  # as the official stage I
+    "filter, paired sampler": ["trainer.sampler=paired_reference"],  # CSS-style batches: pairs share a reference
+}
 # Re-ranker variants over each seed's filter; the shapes config's default is "filter init, topk, residual,
 # difference". The other rows give the re-ranker the candidate's own tokens, as the paper does.
 IMAGE = "method.candidate_input=image"
@@ -217,22 +223,24 @@ def _backward(m: dict[str, dict[str, float]]) -> dict[str, float]:
 def rerank(args: argparse.Namespace) -> Table:
     table = Table()
     for seed in args.seeds:
-        frun = args.out / f"filter-s{seed}"
-        filt = run_train(RR / "shapes_filter.yaml", frun,
-                         [f"data.root={args.data}", f"model.backbone={args.backbone}", f"seed={seed}", *args.stage1_set])
-        fm = eval_model(filt, args.out / f"eval-filter-s{seed}", args.data)
-        table.add("filter", fm["filter"], frun, "R@1")
-        for name in args.variants or RERANKERS:
-            sets = [s.replace("@backbone", str(args.backbone)) for s in RERANKERS[name]]
-            run = args.out / f"reranker-{tag(name)}-s{seed}"
-            model = run_train(RR / "shapes_reranker.yaml", run,
-                              [f"data.root={args.data}", f"model.backbone={filt}", f"seed={seed}", *sets, *args.stage2_set])
-            m = eval_model(model, args.out / f"eval-reranker-{tag(name)}-s{seed}", args.data,
-                           "--rerank-k", *map(str, args.ks), *(["--max-queries", str(args.eval_queries)]
-                                                               if args.eval_queries else []))
-            for row, metrics in m.items():
-                if row.startswith("rerank@"):
-                    table.add(f"{row} ({name})", metrics, run if row == f"rerank@{args.ks[0]}" else None, "R@1")
+        for fname in args.filters:
+            frun = args.out / (f"filter-s{seed}" if fname == "filter" else f"filter-{tag(fname)}-s{seed}")
+            filt = run_train(RR / "shapes_filter.yaml", frun, [f"data.root={args.data}", f"model.backbone={args.backbone}",
+                                                               f"seed={seed}", *FILTERS[fname], *args.stage1_set])
+            fm = eval_model(filt, args.out / f"eval-{frun.name}", args.data)
+            table.add(fname, fm["filter"], frun, "R@1")
+            over = "" if fname == "filter" else f"; over {fname}"
+            for name in RERANKERS if args.variants is None else args.variants:
+                sets = [s.replace("@backbone", str(args.backbone)) for s in RERANKERS[name]]
+                run = args.out / f"reranker-{tag(name + over)}-s{seed}"
+                model = run_train(RR / "shapes_reranker.yaml", run, [f"data.root={args.data}", f"model.backbone={filt}",
+                                                                      f"seed={seed}", *sets, *args.stage2_set])
+                m = eval_model(model, args.out / f"eval-{run.name}", args.data,
+                               "--rerank-k", *map(str, args.ks), *(["--max-queries", str(args.eval_queries)]
+                                                                   if args.eval_queries else []))
+                for row, metrics in m.items():
+                    if row.startswith("rerank@"):
+                        table.add(f"{row} ({name}{over})", metrics, run if row == f"rerank@{args.ks[0]}" else None, "R@1")
     return table
 
 
@@ -377,7 +385,10 @@ def cli() -> None:
     p.add_argument("--out", type=Path, help="run folders (default: runs/ablation-<method>)")
     p.add_argument("--json", type=Path, help="summary file (default: <out>/summary.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", help="only these rows (default: every variant of the method)")
+    p.add_argument("--variants", nargs="*", help="only these rows (default: every variant of the method; "
+                   "rerank: none given trains the filters only)")
+    p.add_argument("--filters", nargs="+", default=["filter"], choices=list(FILTERS),
+                   help="rerank: the first stages, each with the re-rankers of --variants over it")
     p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50])
     p.add_argument("--eval-queries", type=int, help="re-ranking: the first N test queries only (default: all)")
     p.add_argument("--stage1-set", nargs="*", default=[], help="extra overrides of every stage-I training")

@@ -277,3 +277,40 @@ def test_an_auto_residual_scale_is_fitted_before_training_and_saved(tiny_shapes,
     scale = stage.model.composer.residual_scale
     assert isinstance(scale, float) and 1 <= scale <= 1000
     assert cirlab.load(stage.export(stage.model, tmp_path / "m", {})).residual_scale == scale
+
+
+@pytest.mark.parametrize("train_vision_proj", [True, False])
+def test_the_filter_trains_vision_proj_only_when_asked(tiny_shapes, tiny_pretrained_blip, train_vision_proj):
+    """The official stage I computes its target features under no_grad: ``train_vision_proj: false``
+    must leave the gallery side exactly as pretrained while the text side still learns."""
+    cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_filter.yaml",
+                      [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}",
+                       f"method.train_vision_proj={str(train_vision_proj).lower()}"])
+    stage = rerank.build(cfg)
+    model = stage.model.train()
+    vision = [p.detach().clone() for p in model.backbone.vision_proj.parameters()]
+    text = [p.detach().clone() for p in model.backbone.text_proj.parameters()]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    batch = torch.utils.data.default_collate([stage.train_data[i] for i in range(16)])
+    model.training_step(batch)["loss"].backward()
+    opt.step()
+    moved = lambda before, module: any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
+    assert moved(text, model.backbone.text_proj)
+    assert moved(vision, model.backbone.vision_proj) == train_vision_proj
+
+
+def test_reranking_scores_in_eval_mode_and_hands_the_modules_back_as_it_found_them(tiny_shapes, tiny_pretrained_blip):
+    """Validation re-ranks in the middle of training: dropout must be off while it scores, and the
+    filter and the re-ranker must come back in train mode (they once stayed in eval mode)."""
+    split = load_split("shapes", tiny_shapes, "val")
+    composer = _composer(tiny_pretrained_blip, residual_scale=1 / 0.07)
+    composer.reranker.cls_head[-1].reset_parameters()  # a head that is not zero: scores depend on the pairs
+    for m in composer.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    feats = split_features(composer, split)
+    sim = similarity(composer, split, feats)
+    composer.train()
+    first = rerank_rows(composer, split, feats, sim, [10])["rerank@10"][0]
+    assert all(m.training for m in composer.modules())
+    assert torch.equal(first, rerank_rows(composer, split, feats, sim, [10])["rerank@10"][0])
