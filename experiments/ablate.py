@@ -404,6 +404,8 @@ def cli() -> None:
         return
     if args.data is None or args.backbone is None:
         p.error("--data and --backbone are required")
+    if args.variants == [] and args.method != "rerank":
+        p.error(f"--variants without names trains nothing for {args.method}: name variants or leave it out")
     known = {"bidirectional": BI_STAGE1 | BI_STAGE2, "rerank": RERANKERS, "rtd": BASES | RTD,
              "spn": SPN_VARIANTS, "chain": CHAIN_FIRST}[args.method]
     unknown = [v for v in args.variants or [] if v not in known]

@@ -19,7 +19,7 @@ Departures from the official code: z_t is taken with the filter in eval mode (th
 leaves it in train mode, so dropout is active while z_t is extracted; ``stage1_train_mode: true``
 reproduces that); by default the filter trains ``vision_proj``, which the official stage I never
 updates (its target features are computed under ``no_grad``; ``train_vision_proj: false``, set by
-the CIRR and FashionIQ configs, reproduces that; on shapes training it measured better).
+the CIRR and FashionIQ configs, reproduces that; on shapes, at one epoch, training it measured better).
 """
 
 from __future__ import annotations
