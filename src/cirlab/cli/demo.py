@@ -74,7 +74,7 @@ QUICK = {
 # steps. The re-ranker re-scores the top 10, not 20 (level on shapes test over 3 seeds,
 # docs/results.md, and half the pairs), validated on 250 val queries, and stops after 120 steps; it
 # is tested on the first 500 test queries. 7:09 in fp32 on the AVX512 EPYC (12:14 with MiniLM's
-# layers), to fit 20 minutes with install on CPUs up to about 2.3 times slower (README).
+# layers); 12:28 with install on a 2-core AVX2-only EPYC (README).
 DEMO = {"pretrain": ["model.init_text=random",
                      f"model.small={{embed_dim: 256, {TEXT}, vision_hidden: 256, stage_channels: [16, 32, 64, 128]}}",
                      "trainer.epochs=2", "trainer.optimizer.lr=1.0e-3"],
