@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cirlab.data.check import check_splits, format_check
-from cirlab.data.fashioniq import fiq_train_caption, fiq_val_caption, fiq_zeroshot_captions
+from cirlab.data.fashioniq import fiq_train_caption, fiq_val_caption, fiq_val_texts
 from cirlab.data.images import MissingImages, collate_skip_none
 from cirlab.data.registry import load_split, load_splits
 from cirlab.data.torch_data import GalleryDataset, QueryDataset, default_text, make_loader
@@ -305,18 +305,42 @@ def test_fiq_train_caption_without_capitalisation():
     assert fiq_train_caption(("is red", "has sleeves"), rng, capitalize=False) == "has sleeves"
 
 
-def test_fiq_validation_and_zero_shot_captions():
-    # validation strips whitespace only; the training and zero-shot paths strip '.?, '
-    assert fiq_val_caption(CAPS) == "Is red. and has long sleeves?"
-    assert fiq_val_caption(CAPS, capitalize=False) == "is red. and has long sleeves?"
-    assert fiq_zeroshot_captions(CAPS) == ("is red and has long sleeves", "has long sleeves and is red")
+# Each official validation text, stated from the fact (not from code): the supervised repos
+# (CLIP4Cir, Bi-Blip4CIR, Candidate-Reranking-CIR, SPN4CIR blip4cir) build "C1 and c2" with
+# Python's str.strip('.?, ') on each caption (every '.', '?', ',' and space at either end) and
+# str.capitalize() on the first (upper first character, lower the rest); SPN4CIR's CLIP-based
+# models the same without capitalize; SEARLE / LinCIR / RTD both orders, stripped the same way;
+# Pic2Word "c2 and c1" with nothing stripped.
+@pytest.mark.parametrize("captions, one, uncapitalized", [
+    (("is red.", " has long sleeves?"), "Is red and has long sleeves", "is red and has long sleeves"),
+    ((", is red", "has sleeves ,"), "Is red and has sleeves", "is red and has sleeves"),
+    (("is red, not blue.", "has a v-neck?"), "Is red, not blue and has a v-neck", "is red, not blue and has a v-neck"),
+    (("...is shiny...", "?,. fits. "), "Is shiny and fits", "is shiny and fits"),
+    (("IS RED ?", "Has Logo."), "Is red and Has Logo", "IS RED and Has Logo"),
+    (("is it red? yes.", "a dress, longer"), "Is it red? yes and a dress, longer", "is it red? yes and a dress, longer"),
+])
+def test_fiq_validation_caption_rules(captions, one, uncapitalized):
+    assert fiq_val_caption(captions) == one
+    assert fiq_val_texts(captions, "one") == (one,)
+    assert fiq_val_texts(captions, "one-uncapitalized") == (uncapitalized,)
+    c1, c2 = (c.strip(".?, ") for c in captions)
+    assert fiq_val_texts(captions, "both") == (f"{c1} and {c2}", f"{c2} and {c1}")
+    assert fiq_val_texts(captions, "pic2word") == (f"{captions[1]} and {captions[0]}",)
+
+
+def test_fiq_caption_rules_on_the_issue_example():
+    # the FashionIQ val example whose text used to keep its punctuation ("Is red. and has longer sleeves ,")
+    assert fiq_val_caption(("is red.", "has longer sleeves ,")) == "Is red and has longer sleeves"
+    assert fiq_val_texts(("is red.", "has longer sleeves ,"), "pic2word") == ("has longer sleeves , and is red.",)
     with pytest.raises(ValueError, match="two captions"):
-        fiq_zeroshot_captions(("only one",))
+        fiq_val_texts(("only one",), "both")
+    with pytest.raises(ValueError, match="unknown FashionIQ caption rule 'three'"):
+        fiq_val_texts(CAPS, "three")
 
 
 def test_default_text(fiq_root, cirr_root):
     fiq = load_split("fashioniq", fiq_root, "val", category="dress").queries[0]
-    assert default_text(fiq, train=False) == "Is red. and has long sleeves?"
+    assert default_text(fiq, train=False) == "Is red and has long sleeves"
     assert default_text(fiq, train=True) in {FORM_A, FORM_B, FORM_C, FORM_D}
     cirr = load_split("cirr", cirr_root, "val").queries[0]
     assert default_text(cirr, train=True) == "caption 12"

@@ -235,9 +235,14 @@ def test_fashioniq_queries_average_both_caption_orders(composer):
     f1 = both.encode_queries(embeds, ["is red and has long sleeves", "is short and is blue"])
     f2 = both.encode_queries(embeds, ["has long sleeves and is red", "is blue and is short"])
     torch.testing.assert_close(got, torch.nn.functional.normalize(f1 + f2, dim=-1))
-    one = query_vectors(ProjectionComposer(composer.backbone, QueryRecipe(prompt=PROMPT), composer.phi).eval(),
-                        split, feats)
-    assert not torch.allclose(one, got)
+    one = ProjectionComposer(composer.backbone, QueryRecipe(prompt=PROMPT), composer.phi).eval()
+    torch.testing.assert_close(query_vectors(one, split, feats),
+                               one.encode_queries(embeds, ["Is red and has long sleeves", "Is short and is blue"]))
+    pic2word = ProjectionComposer(composer.backbone, QueryRecipe(prompt=PROMPT, caption_orders="pic2word"),
+                                  composer.phi).eval()
+    torch.testing.assert_close(query_vectors(pic2word, split, feats),
+                               pic2word.encode_queries(embeds, ["has long sleeves and is red", "is blue and is short."]))
+    assert not torch.allclose(query_vectors(one, split, feats), got)
 
 
 def test_an_rtd_model_writes_a_valid_circo_submission(composer, tmp_path):

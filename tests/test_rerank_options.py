@@ -86,6 +86,32 @@ def test_an_oracle_reranker_lifts_exactly_the_targets_inside_the_top_k(tiny_shap
     assert result.metrics["rerank@5"]["R@1"] == filt.metrics["filter"]["R@5"] > result.metrics["stage1"]["R@1"]
 
 
+def test_the_official_rule_counts_no_hit_below_the_reranked_top_k(tiny_shapes, tiny_pretrained_blip):
+    """validate_stage2.py ranks only the K re-ranked candidates, so with K = 10 R@50 equals R@10;
+    cirlab's first-stage rule keeps the stage-I order below the K, so R@50 is the filter's own."""
+    split = load_split("shapes", tiny_shapes, "val")
+    composer = _composer(tiny_pretrained_blip, residual_scale=1 / 0.07)  # distinct scores: no ties to break
+    official = evaluate_composer(composer, [split], rerank_ks=[10], beyond_k="official").metrics
+    first_stage = evaluate_composer(composer, [split], rerank_ks=[10]).metrics
+    assert official["rerank@10"]["R@50"] == official["rerank@10"]["R@10"]
+    assert official["rerank@10"]["R@50"] < first_stage["rerank@10"]["R@50"] == first_stage["stage1"]["R@50"]
+    for name in ("R@1", "R@5", "R@10", "Rs@1", "Rs@2"):  # inside the K (and the member sets) the rules agree
+        assert official["rerank@10"][name] == first_stage["rerank@10"][name]
+
+
+def test_the_official_rule_is_saved_with_the_model_and_is_the_paper_configs_default(tiny_pretrained_blip, tmp_path):
+    composer = _composer(tiny_pretrained_blip, residual_scale=None)
+    default_fingerprint = composer.fingerprint()
+    composer.beyond_k = "official"
+    assert cirlab.load(composer.save(tmp_path / "m")).beyond_k == "official"
+    composer.beyond_k = "first-stage"
+    assert composer.fingerprint() == default_fingerprint  # the default is left out of the manifest
+    for dataset in ("cirr", "fashioniq"):
+        assert load_config(CONFIG_ROOT / f"rerank/{dataset}_reranker.yaml").method.beyond_k == "official"
+    with pytest.raises(ValueError, match="beyond_k must be one of"):
+        RerankComposer(composer.first, composer.reranker, beyond_k="nothing")
+
+
 @pytest.mark.parametrize("candidate_input", ["image", "difference"])
 def test_training_losses_score_query_i_against_target_j_with_the_target_as_label(tiny_shapes, tiny_pretrained_blip,
                                                                                  candidate_input):

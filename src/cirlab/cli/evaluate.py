@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="queries per batch (default 64; --config: evaluation.batch_size)")
     p.add_argument("--rerank-k", type=int, nargs="+", help="re-ranking models: rows rerank@K for these K")
     p.add_argument("--fusion", type=float, help="re-ranking models: also rows re-ranker + W x stage-I cosine")
+    p.add_argument("--beyond-k", choices=["official", "first-stage"], help="re-ranking models: below the top K, "
+                   "nothing (official: every metric counts hits inside the K) or the first stage's order "
+                   "(default: the model's own setting, method.beyond_k)")
     p.add_argument("--max-queries", type=int, help="evaluate the first N queries only (CPU budget)")
     p.add_argument("--decode", action="store_true", help="decode every image first and leave out the unreadable "
                    "ones (as missing ones always are)")
@@ -68,7 +71,7 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     name = folder.parent.name if folder.name == "model" else folder.name  # <run>/model: the run's name
     out = _out_dir(args, name, split_name)
     options = dict(batch_size=args.batch_size or 64, rerank_ks=args.rerank_k, fusion_weight=args.fusion,
-                   max_queries=args.max_queries)
+                   beyond_k=args.beyond_k, max_queries=args.max_queries)
     _run([composer], splits, out, name, options,
          {"model": str(args.model.resolve()), "dataset": dataset, "root": str(root), "split": split_name})
     return 0

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cirlab.data.fashioniq import fiq_val_texts
 from cirlab.data.images import load_image
 from cirlab.data.transforms import build_transform
 from cirlab.models import Backbone, load_backbone, save_backbone
@@ -65,20 +66,29 @@ class QueryRecipe:
     ``[BACKWARD]``; "reversed": the shapes generator's exact reversed text, marked forward);
     ``backward_target`` how a backward query's image enters the sum, as stage I trained it
     ("normalized": normalize(T) + t, the official reversed query; "raw": T + t);
-    ``caption_orders`` how FashionIQ's two captions are queried: "one" (the supervised repos'
-    "C1 and c2") or "both" (the zero-shot repos: the mean of "c1 and c2" and "c2 and c1")."""
+    ``caption_orders`` the rule that turns FashionIQ's two captions into the query text(s), as
+    each official evaluation does it (:data:`cirlab.data.fashioniq.VAL_RULES`): "one" (the
+    supervised repos' "C1 and c2", '.?, ' stripped), "one-uncapitalized" (SPN4CIR's CLIP-based
+    models), "both" (SEARLE, LinCIR, RTD: the mean of "c1 and c2" and "c2 and c1") or
+    "pic2word" ("c2 and c1", unstripped)."""
 
     prompt: str = "{text}"
     direction: Literal["tokens", "compat", "none"] = "none"
     backward_text: Literal["forward", "reversed"] = "forward"
     backward_target: Literal["normalized", "raw"] = "normalized"
-    caption_orders: Literal["one", "both"] = "one"
+    caption_orders: Literal["one", "one-uncapitalized", "both", "pic2word"] = "one"
     max_text_length: int = 77
     transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
     target_ratio: float = 1.25
 
     def text(self, text: str, forward: bool = True) -> str:
         return with_direction(self.prompt.replace("{text}", text), forward, self.direction)
+
+    def query_texts(self, captions: Sequence[str]) -> tuple[str, ...]:
+        """The raw text(s) a query is composed from at evaluation: a single caption as it is,
+        FashionIQ's two by ``caption_orders``; several texts are averaged (see
+        :func:`cirlab.evaluation.evaluate.query_vectors`)."""
+        return tuple(captions) if len(captions) == 1 else fiq_val_texts(captions, self.caption_orders)
 
 
 @contextmanager

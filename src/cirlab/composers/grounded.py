@@ -74,6 +74,7 @@ class GroundedComposer(Composer):
 
 
 CandidateInput = Literal["image", "difference"]
+BeyondK = Literal["first-stage", "official"]  # what a re-ranked ranking holds below its top K
 
 
 def candidate_tokens(candidates: torch.Tensor, references: torch.Tensor, mode: CandidateInput) -> torch.Tensor:
@@ -103,7 +104,8 @@ class RerankComposer(Composer):
     gallery_tokens = 1  # the first stage reads the CLS token (or the embedding projected from it)
 
     def __init__(self, first: Composer, reranker: DualEncoderReranker, k: int = 50, chunk_size: int = 256,
-                 residual_scale: float | None = None, candidate_input: CandidateInput = "image"):
+                 residual_scale: float | None = None, candidate_input: CandidateInput = "image",
+                 beyond_k: BeyondK = "first-stage"):
         super().__init__(_blip(first.backbone, "rerank"), first.recipe)
         if isinstance(first, RerankComposer):
             raise ValueError("a re-ranking model cannot be the first stage of another")
@@ -120,6 +122,12 @@ class RerankComposer(Composer):
         if candidate_input not in get_args(CandidateInput):
             raise ValueError(f"candidate_input must be one of {get_args(CandidateInput)}, got {candidate_input!r}")
         self.candidate_input = candidate_input
+        if beyond_k not in get_args(BeyondK):
+            raise ValueError(f"beyond_k must be one of {get_args(BeyondK)}, got {beyond_k!r}")
+        # "official": nothing below the top K is ranked, so every metric counts hits inside the K
+        # re-ranked candidates only (validate_stage2.py of the official code); "first-stage": the
+        # rest of the gallery follows in the first stage's order (a full ranking, what search serves)
+        self.beyond_k = beyond_k
 
     @property
     def name(self) -> str:
@@ -175,6 +183,8 @@ class RerankComposer(Composer):
     def config(self) -> dict:
         out = {"k": self.k, "chunk_size": self.chunk_size, "residual_scale": self.residual_scale,
                "candidate_input": self.candidate_input}
+        if self.beyond_k != "first-stage":  # left out at its default: older folders keep their fingerprint
+            out["beyond_k"] = self.beyond_k
         if type(self.first) is not GroundedComposer:  # folders of the paper's chain keep their old manifest
             out["first"] = {"kind": self.first.kind, "config": self.first.config()}
         return out

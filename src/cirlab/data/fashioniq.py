@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cirlab.data.base import CIRSplit, Query, check_gallery, check_split_name, field, read_records
 from cirlab.utils.io import read_json
@@ -98,10 +98,10 @@ def _read_id_list(path: Path) -> list[str]:
 # --- captions ---------------------------------------------------------------------------------
 
 
-def _two(captions: Sequence[str], chars: str | None = _STRIP) -> tuple[str, str]:
+def _two(captions: Sequence[str]) -> tuple[str, str]:
     if len(captions) != 2:
         raise ValueError(f"FashionIQ queries have two captions, got {len(captions)}: {list(captions)!r:.120}")
-    return captions[0].strip(chars), captions[1].strip(chars)
+    return captions[0].strip(_STRIP), captions[1].strip(_STRIP)
 
 
 def fiq_train_forms(captions: Sequence[str], capitalize: bool = True) -> tuple[str, str, str, str]:
@@ -131,29 +131,47 @@ def fiq_train_caption(captions: Sequence[str], rng: random.Random | None = None,
 
 
 def fiq_both_orders(captions: Sequence[str]) -> tuple[str, str]:
-    """The zero-shot repos' two validation texts, "c1 and c2" and "c2 and c1" (miccunifi/SEARLE,
-    navervision/lincir, jaeseokbyun/RTD); the query is the mean of their normalised features."""
+    """The zero-shot repos' two validation texts, "c1 and c2" and "c2 and c1", each caption
+    stripped of '.?, ' (miccunifi/SEARLE, navervision/lincir, jaeseokbyun/RTD ``validate.py``);
+    the query is the mean of their normalised features. Wrapping in a prompt such as
+    "a photo of $ that ..." belongs to the method."""
     c1, c2 = _two(captions)
     return f"{c1} and {c2}", f"{c2} and {c1}"
 
 
 def fiq_val_caption(captions: Sequence[str], capitalize: bool = True) -> str:
-    """The supervised repos' one deterministic validation order, "C1 and c2" (ABaldrati/CLIP4Cir,
-    Cuberick-Orion/Bi-Blip4CIR, Cuberick-Orion/Candidate-Reranking-CIR).
-
-    The supervised repos strip only whitespace here (not '.?, ' as in training);
-    ``capitalize=False`` is SPN4CIR's CLIP4CIR validation.
-    """
-    c1, c2 = _two(captions, chars=None)
+    """The supervised repos' one deterministic validation text, "C1 and c2", each caption
+    stripped of '.?, ' at both ends (Python's ``str.strip('.?, ')``), the first capitalised
+    (ABaldrati/CLIP4Cir, Cuberick-Orion/Bi-Blip4CIR, Cuberick-Orion/Candidate-Reranking-CIR,
+    BUAADreamer/SPN4CIR ``blip4cir``: ``validate.py``). ``capitalize=False`` is SPN4CIR's
+    ``clip4cir`` and ``zscir`` validation. ``capitalize`` is Python's: the first character
+    upper-cased, every other one lower-cased."""
+    c1, c2 = _two(captions)
     return f"{c1.capitalize() if capitalize else c1} and {c2}"
 
 
-def fiq_zeroshot_captions(captions: Sequence[str]) -> tuple[str, str]:
-    """Both orders, "c1 and c2" and "c2 and c1", as the official code of SEARLE / LinCIR / RTD
-    (miccunifi/SEARLE, navervision/lincir, jaeseokbyun/RTD). No composer uses them yet.
+def fiq_pic2word_caption(captions: Sequence[str]) -> str:
+    """Pic2Word's one validation text, "c2 and c1": the second caption first, nothing stripped
+    (google-research/composed_image_retrieval ``src/data.py``, "a photo of * , {cap2} and {cap1}")."""
+    if len(captions) != 2:
+        raise ValueError(f"FashionIQ queries have two captions, got {len(captions)}: {list(captions)!r:.120}")
+    return f"{captions[1]} and {captions[0]}"
 
-    Each caption is stripped of '.?, ' as SEARLE does; wrapping in a prompt such as
-    "a photo of $ that ..." and averaging the two features belong to the method.
-    """
-    c1, c2 = _two(captions)
-    return f"{c1} and {c2}", f"{c2} and {c1}"
+
+# How each official evaluation turns a query's two captions into the text(s) it encodes; the
+# recipe of a model names its rule (``QueryRecipe.caption_orders``). Two texts: the query is
+# the normalised mean of their normalised features.
+VAL_RULES: dict[str, Callable[[Sequence[str]], tuple[str, ...]]] = {
+    "one": lambda c: (fiq_val_caption(c),),  # supervised (CLIP4Cir lineage)
+    "one-uncapitalized": lambda c: (fiq_val_caption(c, capitalize=False),),  # SPN4CIR's CLIP-based
+    "both": fiq_both_orders,  # SEARLE, LinCIR, RTD
+    "pic2word": lambda c: (fiq_pic2word_caption(c),),
+}
+
+
+def fiq_val_texts(captions: Sequence[str], rule: str = "one") -> tuple[str, ...]:
+    """The validation text(s) of a FashionIQ query under ``rule`` (a key of :data:`VAL_RULES`)."""
+    try:
+        return VAL_RULES[rule](captions)
+    except KeyError:
+        raise ValueError(f"unknown FashionIQ caption rule {rule!r}; known: {', '.join(VAL_RULES)}") from None

@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from cirlab.composers import Composer, RerankComposer, ZeroShotComposer
 from cirlab.data.base import CIRSplit, Query
-from cirlab.data.fashioniq import fiq_both_orders
-from cirlab.data.torch_data import default_text
 from cirlab.evaluation.protocols import (category_of, combine_splits, evaluate_similarity, index_split, protocol_for,
                                          recall_at_depths)
 from cirlab.evaluation.submission import (rankings_from_similarity, write_circo_submission,
@@ -83,16 +81,17 @@ def reversed_split(split: CIRSplit) -> CIRSplit:
     return dataclasses.replace(split, queries=queries, name=f"{split.name}/backward")
 
 
-def query_texts(composer: Composer, queries: Sequence[Query], forward: bool) -> tuple[list[str], bool]:
-    """Raw texts of the queries and the direction they are composed in. A backward query on the
-    generator's exact reversed text is a forward instruction from target to reference."""
+def query_texts(composer: Composer, queries: Sequence[Query], forward: bool) -> tuple[list[tuple[str, ...]], bool]:
+    """Raw texts of the queries (one or more per query, see :meth:`QueryRecipe.query_texts`) and
+    the direction they are composed in. A backward query on the generator's exact reversed text
+    is a forward instruction from target to reference."""
     if not forward and composer.recipe.backward_text == "reversed":
         missing = [q.qid for q in queries if "caption_reversed" not in q.extra]
         if missing:
             raise ValueError(f"backward_text 'reversed' needs the shapes generator's reversed captions; "
                              f"query {missing[0]} has none")
-        return [q.extra["caption_reversed"] for q in queries], True
-    return [default_text(q, False) for q in queries], forward
+        return [(q.extra["caption_reversed"],) for q in queries], True
+    return [composer.recipe.query_texts(q.captions) for q in queries], forward
 
 
 def split_features(composer: Composer, split: CIRSplit, *, batch_size: int = 64,
@@ -128,12 +127,12 @@ def query_vectors(composer: Composer, split: CIRSplit, feats: FeatureSet, *, for
         chunk = split.queries[s:s + batch_size]
         texts, direction = query_texts(composer, chunk, forward)
         refs = _rows(feats, composer.reference_field, [q.reference for q in chunk])
-        if composer.recipe.caption_orders == "both" and all(len(q.captions) == 2 for q in chunk):
-            first, second = zip(*(fiq_both_orders(q.captions) for q in chunk))
-            both = composer.encode_queries(refs, list(first)) + composer.encode_queries(refs, list(second))
-            out.append(F.normalize(both, dim=-1))  # normalize((f1 + f2) / 2) of the normalised f1, f2
-        else:
-            out.append(composer.encode_queries(refs, texts, forward=direction))
+        n = {len(t) for t in texts}
+        if len(n) != 1:
+            raise ValueError(f"{split.name}: queries {chunk[0].qid}..{chunk[-1].qid} mix {sorted(n)} texts per query")
+        vectors = [composer.encode_queries(refs, [t[i] for t in texts], forward=direction) for i in range(n.pop())]
+        # several texts (FashionIQ's two orders): normalize((f1 + f2) / 2) of the normalised f1, f2
+        out.append(vectors[0] if len(vectors) == 1 else F.normalize(sum(vectors), dim=-1))
     return torch.cat(out)
 
 
@@ -166,7 +165,7 @@ def rerank_scores(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, 
     for s in range(0, len(split.queries), per_call):
         chunk = split.queries[s:s + per_call]
         cand = candidates[s:s + per_call]
-        texts, _ = query_texts(composer, chunk, True)
+        texts = _single_texts(composer, chunk)
         refs = _rows(feats, "tokens", [q.reference for q in chunk])
         cand_tokens = tokens.index_select(0, gallery_rows[cand.clamp_min(0)].reshape(-1)).float()
         stage1 = sim[s:s + per_call].gather(1, cand.clamp_min(0))
@@ -175,14 +174,28 @@ def rerank_scores(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, 
     return torch.cat(out)
 
 
-def reranked_similarity(sim: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """``sim`` with each row's candidates (the top K) given their new scores and lifted above every
-    other entry, which keeps its stage-I order below them (as the official evaluation)."""
+def _single_texts(composer: Composer, queries: Sequence[Query]) -> list[str]:
+    texts, _ = query_texts(composer, queries, True)
+    if any(len(t) != 1 for t in texts):
+        raise ValueError(f"re-ranking composes one text per query; the recipe's caption rule "
+                         f"{composer.recipe.caption_orders!r} gives {len(texts[0])}")
+    return [t[0] for t in texts]
+
+
+def reranked_similarity(sim: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor,
+                        beyond_k: str = "first-stage") -> torch.Tensor:
+    """``sim`` with each row's candidates (the top K) given their new scores. ``beyond_k``:
+    "first-stage" lifts them above every other entry, which keeps its stage-I order below them;
+    "official" leaves nothing else ranked (-inf: :func:`rank_gallery` ends the list there), so
+    a target outside the top K never counts, as the official evaluation (validate_stage2.py)."""
     valid = candidates >= 0
-    finite = sim[torch.isfinite(sim)]
-    top = scores[valid & torch.isfinite(scores)]
-    floor = (top.min() if top.numel() else sim.new_tensor(0.0)) - 1
-    out = sim - (finite.max() if finite.numel() else 0) + floor
+    if beyond_k == "official":
+        out = torch.full_like(sim, float("-inf"))
+    else:
+        finite = sim[torch.isfinite(sim)]
+        top = scores[valid & torch.isfinite(scores)]
+        floor = (top.min() if top.numel() else sim.new_tensor(0.0)) - 1
+        out = sim - (finite.max() if finite.numel() else 0) + floor
     rows = torch.arange(len(sim))[:, None].expand_as(candidates)
     out[rows[valid], candidates[valid].long()] = scores[valid]
     return out
@@ -199,10 +212,14 @@ def _subset_members(split: CIRSplit) -> torch.Tensor | None:
 
 
 def rerank_rows(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, sim: torch.Tensor,
-                ks: Sequence[int], fusion_weight: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+                ks: Sequence[int], fusion_weight: float | None = None,
+                beyond_k: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """``{row: (similarity, subset similarity)}`` for ``rerank@K`` at each K (and ``+fusion``:
     re-ranker score + ``fusion_weight`` x stage-I cosine). The top max(K) is scored once; a
-    smaller K re-sorts its first K. CIRR's member sets are scored directly."""
+    smaller K re-sorts its first K. CIRR's member sets are scored directly (as the official
+    evaluation, independent of the top K). ``beyond_k``: the rule below the top K (default: the
+    composer's own, see :class:`~cirlab.composers.RerankComposer`)."""
+    beyond_k = beyond_k or composer.beyond_k
     top = candidates_of(split, sim, max(ks))
     cand, stage1 = top.indices.long(), top.scores
     scores = rerank_scores(composer, split, feats, cand, sim)
@@ -220,8 +237,8 @@ def rerank_rows(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, si
             fused = member_scores + w * member_stage1
             subset[torch.arange(len(sim))[:, None].expand_as(members)[valid], members[valid]] = fused[valid]
         for k in sorted(set(ks)):
-            out[f"rerank@{k}{suffix}"] = (reranked_similarity(sim, cand[:, :k], scores[:, :k] + w * stage1[:, :k]),
-                                          subset)
+            out[f"rerank@{k}{suffix}"] = (reranked_similarity(sim, cand[:, :k], scores[:, :k] + w * stage1[:, :k],
+                                                              beyond_k), subset)
     return out
 
 
@@ -229,12 +246,13 @@ Rows = dict[str, tuple[CIRSplit, torch.Tensor, torch.Tensor | None]]
 
 
 def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rerank_ks: Sequence[int] | None = None,
-               fusion_weight: float | None = None, extra_fields: Sequence[str] = ()) -> Rows:
+               fusion_weight: float | None = None, beyond_k: str | None = None,
+               extra_fields: Sequence[str] = ()) -> Rows:
     """``{row: (the split it is scored on, similarity, subset similarity or None)}`` of one split."""
     feats = split_features(composer, split, batch_size=batch_size, extra_fields=extra_fields)
     sim = similarity(composer, split, feats, batch_size=batch_size)
     if isinstance(composer, RerankComposer):
-        reranked = rerank_rows(composer, split, feats, sim, rerank_ks or [composer.k], fusion_weight)
+        reranked = rerank_rows(composer, split, feats, sim, rerank_ks or [composer.k], fusion_weight, beyond_k)
         return {"stage1": (split, sim, None), **{row: (split, *v) for row, v in reranked.items()}}
     rows: Rows = {composer.name: (split, sim, None)}
     if composer.bidirectional and split.dataset == "shapes" and split.has_targets:
@@ -251,7 +269,7 @@ def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rer
 
 def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_size: int = 64,
                       rerank_ks: Sequence[int] | None = None, fusion_weight: float | None = None,
-                      max_queries: int | None = None, topk_depths: Sequence[int] | None = None,
+                      beyond_k: str | None = None, max_queries: int | None = None, topk_depths: Sequence[int] | None = None,
                       topk_k: int | None = None, extra_fields: Sequence[str] = ()) -> Evaluation:
     """Metrics (where the splits have targets) and rankings of every row on ``splits``
     (FashionIQ: one per category, combined as its protocol says).
@@ -265,7 +283,7 @@ def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_s
     per_split: dict[str, list[dict[str, float]]] = {}
     for split in splits:
         rows = split_rows(composer, split, batch_size=batch_size, rerank_ks=rerank_ks, fusion_weight=fusion_weight,
-                          extra_fields=extra_fields)
+                          beyond_k=beyond_k, extra_fields=extra_fields)
         first = next(iter(rows))
         if topk_k is not None:
             result.topk.append(candidates_of(split, rows[first][1], topk_k))

@@ -44,8 +44,9 @@ def rank_gallery(sim: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
     """Top-``k`` gallery indices per query, with ``exclude[q]`` (if >= 0) deleted from row q.
 
     Deleting an item from the ranked list is the same as giving it -inf before the top-k,
-    which is what CIRR's protocol does with the reference image. The result always has
-    ``k`` columns; a gallery with fewer than ``k`` candidates is padded with -1.
+    which is what CIRR's protocol does with the reference image; every -inf entry is left out
+    of the list. The result always has ``k`` columns; a row with fewer than ``k`` ranked items
+    is padded with -1.
     """
     if sim.ndim != 2:
         raise ValueError(f"similarity must be [queries, gallery], got shape {tuple(sim.shape)}")
@@ -56,9 +57,10 @@ def rank_gallery(sim: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
         exclude = exclude.to(sim.device)
         rows = torch.nonzero(exclude >= 0).squeeze(1)
         sim = sim.index_put((rows, exclude[rows]), sim.new_tensor(float("-inf")))
-    ranking = sim.topk(min(k, sim.shape[1]), dim=1).indices
-    if exclude is not None:  # only reachable when k >= G: the excluded item sits last
-        ranking = ranking.masked_fill(ranking == exclude[:, None], -1)
+    top = sim.topk(min(k, sim.shape[1]), dim=1)
+    # -inf is "not ranked": the excluded item (reachable only when k >= G) and whatever a caller
+    # leaves out, e.g. everything below a re-ranked top K under the official rule
+    ranking = top.indices.masked_fill(top.values == float("-inf"), -1)
     return _pad_columns(ranking, k).cpu()
 
 

@@ -46,6 +46,9 @@ PLAIN = f"a photo of {MARKER}"
 class ProjectionConfig(Strict):
     name: Literal["projection"] = "projection"
     prompt: str = Field(PROMPT, description="the query at evaluation; {text} is the modification text")
+    caption_orders: Literal["both", "pic2word", "one", "one-uncapitalized"] = Field(
+        "both", description="FashionIQ's two captions at evaluation: both orders averaged (SEARLE, LinCIR, "
+        "RTD) or Pic2Word's one order 'c2 and c1' (cirlab.data.fashioniq.VAL_RULES)")
     max_text_length: int = 77
 
 
@@ -200,7 +203,7 @@ def _as_dicts(triplets: list[TextTriplet]) -> list[dict]:
 
 def build(cfg: ExperimentConfig) -> Stage:
     pcfg = cfg.method
-    recipe = QueryRecipe(prompt=pcfg.prompt, caption_orders="both", max_text_length=pcfg.max_text_length,
+    recipe = QueryRecipe(prompt=pcfg.prompt, caption_orders=pcfg.caption_orders, max_text_length=pcfg.max_text_length,
                          transform=cfg.data.transform, target_ratio=cfg.data.target_ratio)
     if pcfg.stage == "rtd":
         base = load(cfg.model.backbone)  # the base's model folder: its backbone and its Phi

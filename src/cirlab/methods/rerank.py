@@ -11,8 +11,9 @@ BLIP filter keeps the top K, a dual encoder re-scores them.
 * stage ``reranker`` (II): a :class:`~cirlab.models.dual_encoder.DualEncoderReranker` scores
   (z_t, text, candidate tokens), z_t being the frozen filter's grounded last hidden state. It
   trains on the B x B in-batch pairs (cross-entropy, diagonal labels) and at inference re-scores
-  each query's stage-I top K; candidates below K keep their stage-I order, so R@K' for K' >= K is
-  stage I's, as in the official evaluation. CIRR's Rs@K scores the subset members directly.
+  each query's stage-I top K; below the K, ``beyond_k: official`` ranks nothing (the official
+  evaluation: every metric counts hits inside the K) and ``first-stage`` keeps stage I's order.
+  CIRR's Rs@K scores the subset members directly.
   Composer: :class:`~cirlab.composers.RerankComposer`.
 
 Departures from the official code: z_t is taken with the filter in eval mode (the official code
@@ -33,7 +34,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from cirlab.composers import Composer, GroundedComposer, RerankComposer, load
-from cirlab.composers.grounded import CandidateInput, candidate_tokens, grounded_states
+from cirlab.composers.grounded import BeyondK, CandidateInput, candidate_tokens, grounded_states
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
@@ -61,6 +62,9 @@ class FilterConfig(RerankConfig):
 class RerankerConfig(RerankConfig):
     stage: Literal["reranker"] = "reranker"
     k: int = Field(50, gt=0, description="re-ranking depth (official: FashionIQ 100, CIRR 50)")
+    beyond_k: BeyondK = Field("first-stage", description="evaluation below the top k: official (nothing is "
+                              "ranked there, every metric counts hits inside the k) or first-stage (the first "
+                              "stage's order follows)")
     merge: Literal["official", "average"] = "official"
     reranker_init: str | None = Field(None, description="BLIP folder whose text encoder initialises the "
                                       "re-ranker (official: the pretrained BLIP); None: model.backbone")
@@ -295,7 +299,7 @@ def build(cfg: ExperimentConfig) -> Stage:
     fixed = rcfg.residual and rcfg.residual_scale != "auto"
     composer = RerankComposer(first, reranker, k=rcfg.k, chunk_size=rcfg.chunk_size,
                               residual_scale=rcfg.residual_scale if fixed else None,
-                              candidate_input=rcfg.candidate_input)
+                              candidate_input=rcfg.candidate_input, beyond_k=rcfg.beyond_k)
     if rcfg.loss != "in_batch":
         composer.to(distributed.default_device())  # mined where it trains
         parts = train_data.datasets if isinstance(train_data, torch.utils.data.ConcatDataset) else [train_data]
