@@ -200,10 +200,12 @@ def executed(name, fn):
     EXECUTED[name] = where(fn)
 
 
-def fake_module(name, **attrs):
+def fake_module(name, why="imported at module level, not used on the val text path", **attrs):
     """A stand-in for a module that official code imports at module level but never uses here."""
+    import importlib.machinery
     mod = types.ModuleType(name)
     mod.__file__ = f"<stand-in for {name}>"
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
     mod.__dict__.update(attrs)
 
     def __getattr__(attr):
@@ -214,7 +216,7 @@ def fake_module(name, **attrs):
     mod.__getattr__ = __getattr__
     sys.modules[name] = mod
     standin(f"sys.modules[{name!r}] = empty stand-in module"
-            + (f" exposing {sorted(attrs)}" if attrs else "") + " (imported at module level, not used on the val text path)")
+            + (f" exposing {sorted(attrs)}" if attrs else "") + f" ({why})")
     return mod
 
 
@@ -430,10 +432,13 @@ def dummy_image_standin():
 def preprocess_standin():
     import torch
 
-    def preprocess(img):
+    def preprocess(img, return_tensors=None, **kw):
+        if return_tensors is not None:  # called like a transformers CLIPImageProcessor (LinCIR, RTD)
+            return {"pixel_values": torch.zeros(1, 3, 2, 2)}
         return torch.zeros(3, 2, 2)
 
-    standin("image preprocess -> returns torch.zeros(3, 2, 2) (only consumed by stubs)")
+    standin("image preprocess -> returns torch.zeros(3, 2, 2), or {'pixel_values': zeros(1, 3, 2, 2)} when called "
+            "with return_tensors= like the CLIPImageProcessor of LinCIR/RTD (only consumed by stubs)")
     return preprocess
 
 
@@ -551,7 +556,7 @@ def select_item_match(src):
     def sel(batch, pairs, i, qid, stats):
         texts, ids = [], []
         for p in pairs:
-            stats.n_rows[p["src"]] = stats.n_rows.get(p["src"], 0) + (1 if i == 0 else 0)
+            stats.n_rows[p["src"]] = stats.n_rows.get(p["src"], 0) + 1
             if p["src"] != src:
                 continue
             row = p["enc"][2][i]
@@ -621,7 +626,8 @@ def recipe_bi(ctx, prefix: bool):
     from torch import nn
     src = ctx.repo / "src"
     sys.path.insert(0, str(src))
-    fake_module("rich", print=builtins.print)
+    fake_module("rich", why="not installed; the repo only uses rich.print for console output",
+                print=builtins.print)
     import data_utils
     import validate
     from blip_modules import blip_text_encoder as bte
@@ -698,7 +704,8 @@ def _rerank_stage1_model(stage1_mod, BertEncStub, ZeroHead):
 def recipe_rerank_stage1(ctx):
     _common_torch()
     sys.path.insert(0, str(ctx.repo / "src"))
-    fake_module("rich", print=builtins.print)
+    fake_module("rich", why="not installed; the repo only uses rich.print for console output",
+                print=builtins.print)
     import data_utils
     import validate
     import blip_stage1
@@ -740,7 +747,8 @@ def recipe_rerank_stage2(ctx):
     import numpy as np
     from torch import nn
     sys.path.insert(0, str(ctx.repo / "src"))
-    fake_module("rich", print=builtins.print)
+    fake_module("rich", why="not installed; the repo only uses rich.print for console output",
+                print=builtins.print)
     import data_utils
     import validate_stage2 as v2
     import blip_stage1
@@ -1006,12 +1014,14 @@ def recipe_pic2word(ctx):
 
         def encode_text_img_retrieval(self, text, img_tokens, split_ind=4, repeat=True):
             enc_event("encode_text_img_retrieval", trim_eot(text), split_ind=int(split_ind), repeat=repeat)
+            split_ids.add((int(split_ind), repeat))
             return torch.ones(text.shape[0], D)
 
     class Img2TextStub(nn.Module):
         def forward(self, x):
             return torch.ones(x.shape[0], W)
 
+    split_ids = set()
     model, img2text = P2WModel(), Img2TextStub()
     args = types.SimpleNamespace(distributed=False, dp=False, gpu=None, batch_size=64, workers=0)
     standin("model -> stub with logit_scale, encode_image (ones), encode_text and encode_text_img_retrieval "
@@ -1050,12 +1060,17 @@ def recipe_pic2word(ctx):
         src_ds._audit_qids = qids
         eval_utils.evaluate_cirr(model, img2text, args, loader(src_ds), loader(tgt_ds))
         ctx.write("cirr", qids, select_item_match("encode_text_img_retrieval"))
+    NOTES.append(f"encode_text_img_retrieval received (split_ind, repeat) = {sorted(split_ids)}: split_ind is the id "
+                 "of '*' from eval_utils' tokenize(['*'])[0][1]; the model swaps that token's embedding for the "
+                 "img2text token, the ids themselves are not edited")
 
 
 def _zs_common(ctx, encode_attr, make_text_model, pseudo_dim, repo_sub, datasets_module, stub_mods=()):
     """SEARLE / LinCIR / RTD: same validate.py structure (fiq/cirr_generate_val_predictions)."""
     torch = _common_torch()
     sys.path.insert(0, str(ctx.repo / repo_sub) if repo_sub else str(ctx.repo))
+    if stub_mods:
+        import transformers  # noqa: F401  (probes optional packages at import: do it before the stand-ins exist)
     for name in stub_mods:
         try:
             __import__(name)

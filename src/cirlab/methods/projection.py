@@ -201,10 +201,16 @@ def _as_dicts(triplets: list[TextTriplet]) -> list[dict]:
              "target_caption": t.target_caption} for t in triplets]
 
 
+def projection_recipe(cfg: ExperimentConfig) -> QueryRecipe:
+    """The query recipe of a projection stage: its prompt and caption rule, the data's preprocessing."""
+    pcfg = cfg.method
+    return QueryRecipe(prompt=pcfg.prompt, caption_orders=pcfg.caption_orders, max_text_length=pcfg.max_text_length,
+                       transform=cfg.data.transform, target_ratio=cfg.data.target_ratio)
+
+
 def build(cfg: ExperimentConfig) -> Stage:
     pcfg = cfg.method
-    recipe = QueryRecipe(prompt=pcfg.prompt, caption_orders=pcfg.caption_orders, max_text_length=pcfg.max_text_length,
-                         transform=cfg.data.transform, target_ratio=cfg.data.target_ratio)
+    recipe = projection_recipe(cfg)
     if pcfg.stage == "rtd":
         base = load(cfg.model.backbone)  # the base's model folder: its backbone and its Phi
         if not isinstance(base, ProjectionComposer):

@@ -24,6 +24,8 @@ composer stays in eval mode in stage 2 for every base (the official BLIP variant
 
 from __future__ import annotations
 
+import dataclasses
+
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -76,6 +78,9 @@ class BankConfig(Strict):
                                 "images instead of the whole bank (SPN's part_infonce_loss)")
     negatives: Literal["bank", "in_batch"] = Field("bank", description="in_batch: the same second stage "
                                                    "with only the batch's targets as negatives (a control)")
+    caption_orders: Literal["one", "one-uncapitalized", "both", "pic2word"] | None = Field(
+        None, description="FashionIQ's validation text rule (cirlab.data.fashioniq.VAL_RULES); default: the "
+        "first stage's; SPN4CIR's CLIP-based models (clip4cir, zscir) use one-uncapitalized")
 
 
 CONFIGS = {"bank": BankConfig, "generate": GenerateConfig}
@@ -275,6 +280,8 @@ def build(cfg: ExperimentConfig) -> Stage:
     if scfg.stage == "generate":
         raise ValueError("method spn, stage generate: run `cirlab spn generate --config ...`, not `cirlab train`")
     composer = base_composer(cfg)
+    if scfg.caption_orders is not None:
+        composer.recipe = dataclasses.replace(composer.recipe, caption_orders=scfg.caption_orders)
     splits = training_splits(cfg)
     table, rows = _feature_table(composer, splits, cfg, triplet_ids)
     dup: dict[str, str] = {}
