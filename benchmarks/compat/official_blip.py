@@ -16,12 +16,17 @@ Kinds (one seed each, ``torch.manual_seed(SEEDS[kind])`` at the start of the kin
 
 Weights: the official constructor (seeded), loading ``model_base.pth`` where the official flow does, then
 LayerNorm weight = 1 + 0.1 N(0,1), bias = 0.1 N(0,1); position embeddings += 0.02 N(0,1); every Linear
-bias += 0.02 N(0,1) (and the zero-initialised MLM-head bias).  Parts a training run would have changed
-after loading another checkpoint also get a "fine-tune delta" p += 0.1 * std(p) * N(0,1) per tensor, so that
-no fine-tuned tensor equals its source (momentum copies of blip-base; the Bi-Blip4CIR text side; all of
-rerank-stage1 / rerank-stage2, which makes stage II's self0/self1 copies differ; the SPN text side).
-Optimizer states in the saved files are filled with zeros (``step`` = 1) for the parameters the official
-optimizer holds, so the files have the released structure and size; no training is run.
+bias += 0.02 N(0,1) (and the zero-initialised MLM-head bias).  Tensors that came from another checkpoint also
+get a "fine-tune delta" p += 0.1 * std(p) * N(0,1) per tensor, so that none equals its source: the momentum
+copies of blip-base; the Bi-Blip4CIR text side; every tensor of rerank-stage1, rerank-stage2 (this also makes
+stage II's self0/self1 copies differ) and spn-blip4cir.  Deliberately stricter than a real run: in the released
+files the frozen ViTs (and stage I's vision_proj) still equal model_base's; here each file's own copy differs,
+so a match proves every part is read from the right file and used where the official code uses it (e.g. the
+stage-II ViT tokens feed stage I's z_t in validate_stage2).  Bi-Blip4CIR's image side is model_base's by
+construction (BLIPImgEncoder always loads model_base.pth).
+Saved files are written by the official ``save_model`` functions; their optimizer states are rebuilt with the
+training scripts' parameter groups and filled with zeros (``step`` a Python int) for exactly the parameters the
+training loss reaches (Adam keeps no state for a parameter whose grad stays None); no training is run.
 
 Usage (cwd must hold ``bert-base-uncased/`` for the offline tokenizer)::
 
@@ -54,7 +59,8 @@ on CPU, under torch 2.13):
 7. CUDA: SPN4CIR ``CIRPlus(device=cpu)`` and ``utils.extract_index_features`` default device cpu (it defaults
    to ``torch.device('cuda')``); SPN ``validate.args`` namespace (read as a module global).
 8. The optimizers whose state the training scripts save are rebuilt here with the scripts' parameter
-   groups (cited per kind in the layout JSON), since the training functions cannot be called.
+   groups (cited per kind in the layout JSON), since the training functions cannot be called (they need the
+   datasets, comet_ml and CUDA); the files themselves are written by the repositories' ``save_model``.
 """
 
 from __future__ import annotations
@@ -182,13 +188,22 @@ def perturb(module, *, delta_prefixes=(), recipe_prefixes=("",)):
                 param.add_(BIAS * torch.randn_like(param))
 
 
-def fill_adam_state(optimizer, step: float = 1.0):
-    """What a saved Adam/AdamW state holds per parameter after training (zeros here)."""
+def fill_adam_state(optimizer, module, gets_grad=lambda name: True, step: int = 1):
+    """What a saved Adam/AdamW state holds after training (zeros here): an entry per parameter that the
+    training loss reaches.  torch's Adam skips parameters whose ``.grad`` stays None, so parameters the
+    training forward never uses are listed in ``param_groups`` but have no ``state`` entry.  ``step`` is a
+    Python int, as torch <= 1.11 stored it (the released Candidate-Reranking sizes match that, see report).
+    Returns the names of the parameters left without state."""
     import torch
+    names = {id(p): n for n, p in module.named_parameters()}
+    without = []
     for group in optimizer.param_groups:
         for p in group["params"]:
-            optimizer.state[p] = {"step": torch.tensor(step), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+            if gets_grad(names[id(p)]):
+                optimizer.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            else:
+                without.append(names[id(p)])
+    return without
 
 
 def describe_checkpoint(obj: dict, path: Path) -> dict:
@@ -243,9 +258,11 @@ def save_layout(out: Path, kind: str, repo_dir: Path, files: dict, extra: dict):
         del obj
     layout.update(extra)
     if len(files) == 1:  # flat form for single-file kinds: the brief's keys at the top
-        only = next(iter(layout["files"].values()))
+        (fname, only), = layout.pop("files").items()
+        layout["file"] = fname
         for key in ("saved_by", "top_level", "tensors", "dtype"):
-            layout[key] = only[key]
+            layout[key] = only.pop(key)
+        layout.update(only)
     (out / "layouts").mkdir(parents=True, exist_ok=True)
     (out / "layouts" / f"{kind}.json").write_text(json.dumps(layout, indent=1) + "\n")
 
@@ -468,7 +485,8 @@ def run_bi_blip4cir(official: Path, inputs: Path, out: Path):
         [{"params": [p for n, p in text_enc.named_parameters() if "text_proj" not in n], "lr": lr, "weight_decay": 0.05},
          {"params": [p for n, p in text_enc.named_parameters() if "text_proj" in n], "lr": lr * 100,
           "weight_decay": 0.05}])
-    fill_adam_state(optimizer)
+    # stage I trains in mode='text': the cross-attention weights never get a gradient
+    no_state_text = fill_adam_state(optimizer, text_enc, lambda name: "crossattention" not in name)
     ckroot = out / "ckpt" / "bi-blip4cir"
     ckdir = ckroot / "saved_models"
     epoch = 5
@@ -477,7 +495,7 @@ def run_bi_blip4cir(official: Path, inputs: Path, out: Path):
     combiner = Combiner(256, 2560, 5120)
     perturb(combiner)
     optimizer = optim.Adam(combiner.parameters(), lr=2e-5)  # combiner_train.py:340
-    fill_adam_state(optimizer)
+    fill_adam_state(optimizer, combiner)
     utils.save_model("combiner_mean", epoch, combiner, ckroot, optimizer)
     del text_enc, combiner, optimizer
 
@@ -563,6 +581,7 @@ def run_bi_blip4cir(official: Path, inputs: Path, out: Path):
             "class": "blip_modules.blip_text_encoder.BLIPTextEncoder (text_encoder + text_proj only)",
             "optimizer_built_as": cite(repo, "src/clip_fine_tune.py", 353, "optim.AdamW"),
             "loaded_by": cite(repo, "src/validate.py", 341, 'load_state_dict(state_dict["BLIPTextEncoder"])'),
+            "params_without_optimizer_state": no_state_text,
         },
         "saved_models/combiner_mean.pt": {
             "saved_by": cite(repo, "src/utils.py", 131, "torch.save"),
@@ -599,17 +618,17 @@ def _build_stage2(repo, cfg2, model_base):
                        vit_grad_ckpt=cfg2["vit_grad_ckpt"], vit_ckpt_layer=cfg2["vit_ckpt_layer"])
 
 
-def _save_rerank(model, kind_dir: Path, class_key: str):
+def _save_rerank(model, kind_dir: Path, class_key: str, gets_grad=lambda name: True):
     import torch
     import utils
     for p in model.visual_encoder.parameters():  # not blip_img_tune (default): stage*_train.py
         p.requires_grad = False
     optimizer = torch.optim.AdamW(params=filter(lambda p: p.requires_grad, model.parameters()), lr=2e-5,
                                   weight_decay=0.05)  # lr: Instructions_CIRR.md; weight_decay: configs/*.yaml
-    fill_adam_state(optimizer)
+    without = fill_adam_state(optimizer, model, gets_grad)
     assert model.__class__.__name__ == class_key
     utils.save_model("blip_mean", 5, model, kind_dir, optimizer)  # the official save (utils.py:146)
-    return kind_dir / "saved_models" / "blip_mean.pt"
+    return kind_dir / "saved_models" / "blip_mean.pt", without
 
 
 def run_rerank_stage1(official: Path, inputs: Path, out: Path):
@@ -622,7 +641,9 @@ def run_rerank_stage1(official: Path, inputs: Path, out: Path):
     model_base = out / "ckpt" / "blip-base" / "model_base.pth"
     model = _build_stage1(repo, cfg1, model_base)
     perturb(model, delta_prefixes=("",))
-    ckpt = _save_rerank(model, out / "ckpt" / "rerank-stage1", "BLIP_Retrieval")
+    # target features come from img_embed under torch.no_grad (stage1_train.py:397-403): vision_proj gets no grad
+    ckpt, no_state = _save_rerank(model, out / "ckpt" / "rerank-stage1", "BLIP_Retrieval",
+                        lambda name: not name.startswith("vision_proj."))
     del model
 
     # reference: validate.py __main__ flow (blip_stage1(pretrained) + load_state_dict(['BLIP_Retrieval']))
@@ -683,6 +704,7 @@ def run_rerank_stage1(official: Path, inputs: Path, out: Path):
         "optimizer_built_as": cite(repo, "src/stage1_train.py", 356, "torch.optim.AdamW"),
         "visual_frozen_by": cite(repo, "src/stage1_train.py", 327, "model.visual_encoder.parameters()"),
         "loaded_by": cite(repo, "src/validate.py", 390, 'load_state_dict(state_dict["BLIP_Retrieval"])'),
+        "params_without_optimizer_state": no_state,
     }}, {})
 
 
@@ -713,7 +735,7 @@ def run_rerank_stage2(official: Path, inputs: Path, out: Path):
         sd[lay + "attention.self0.query.weight"], base[lay + "attention.self.query.weight"]))
     del base, sd
     perturb(model, delta_prefixes=("",))
-    ckpt = _save_rerank(model, out / "ckpt" / "rerank-stage2", "BLIP_NLVR")
+    ckpt, no_state = _save_rerank(model, out / "ckpt" / "rerank-stage2", "BLIP_NLVR")
     del model
 
     # reference: validate_stage2.py __main__ flow
@@ -787,6 +809,7 @@ def run_rerank_stage2(official: Path, inputs: Path, out: Path):
         "loaded_by": cite(repo, "src/validate_stage2.py", 360, 'load_state_dict(state_dict["BLIP_NLVR"])'),
         "optimizer_built_as": cite(repo, "src/stage2_train.py", 404, "torch.optim.AdamW"),
         "visual_frozen_by": cite(repo, "src/stage2_train.py", 372, "model.visual_encoder.parameters()"),
+        "params_without_optimizer_state": no_state,
     }}, {"duplication_at_load": cite(repo, "src/blip_stage2.py", 161, "'crossattention.self.' in key"),
          "duplication_facts_before_perturbation": dup_equal})
 
@@ -814,8 +837,7 @@ def run_spn(official: Path, inputs: Path, out: Path):
     # train.py main(): CIRPlus(blip_model_name, tau, transform, device, plus) + load_ckpt(stage-1, is_origin=True)
     model = CIRPlus(str(model_base), tau=0.02, transform="targetpad", device=cpu, plus=True)
     model.load_ckpt(str(stage1), True)
-    perturb(model, delta_prefixes=("blip.text_encoder.", "blip.text_proj."),
-            recipe_prefixes=("blip.text_encoder", "blip.text_proj"))
+    perturb(model, delta_prefixes=("blip.",))  # every part, the frozen ViT included (see module docstring)
     with torch.no_grad():
         model.tau.add_(0.001)
     ckpt = out / "ckpt" / "spn-blip4cir" / "best.pt"
@@ -864,15 +886,15 @@ def run_spn(official: Path, inputs: Path, out: Path):
                 "attention_mask": fiq_enc["attention_mask"].clone(), "query_features": fq,
                 "scores": fq @ index_features_p.float().T},
         "meta": meta("spn-blip4cir", repo, {
-            "image_features_equal_rerank_stage1": bool(torch.equal(index_features_p, r1["image_features"])),
+            "image_features_max_abs_diff_to_rerank_stage1": float((index_features_p - r1["image_features"]).abs().max()),
             "query_features": "validate.generate_cirr_val_predictions: BLIP_Retrieval.img_txt_fusion "
                               "(normalize(text_proj([ENC] CLS))), F.normalize again",
             "scores": "query @ index_features_p.T (validate.py compute_cirr_val_metrics)",
             "texts": "raw captions (CIRDataset val: captions[0]); FIQ: f\"{c1.strip('.?, ').capitalize()} and "
                      "{c2.strip('.?, ')}\" without any prepend",
-            "weights": "started from ckpt/rerank-stage1/blip_mean.pt (load_ckpt is_origin=True, strict=False); text "
-                       "side perturbed, visual side and vision_proj left as stage I (SPN's stage 2 trains on "
-                       "cached image features)",
+            "weights": "started from ckpt/rerank-stage1/saved_models/blip_mean.pt (load_ckpt is_origin=True, "
+                       "strict=False), then every tensor perturbed (the ViT too, although SPN's stage 2 trains on "
+                       "cached image features and leaves it equal to stage I in a real run)",
         }),
     }
     (out / "ref").mkdir(parents=True, exist_ok=True)

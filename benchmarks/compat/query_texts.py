@@ -29,6 +29,7 @@ import dataclasses
 import json
 import sys
 import tempfile
+from unittest.mock import patch
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ from cirlab.models.phi import Phi
 from cirlab.retrieval.feature_cache import FeatureSet
 
 DATASETS = ("fashioniq", "cirr")
+BATCH = 64  # queries per call
 TINY = dict(embed_dim=16, text_hidden=32, text_layers=1, text_heads=2, vision_hidden=32, stage_channels=(8, 8, 8, 8))
 
 
@@ -174,17 +176,22 @@ def audit_split(recipe: Recipe, dataset: str, splits: list[CIRSplit], clip_token
         if recipe.composer == "rerank":
             candidates = torch.zeros(len(split.queries), 1, dtype=torch.long)
             split = dataclasses.replace(split, gallery=ids)
-            rerank_scores(composer, split, feats, candidates, torch.zeros(len(split.queries), len(ids)))
+            with patch.object(composer, "chunk_size", BATCH):  # BATCH queries of one candidate per call
+                rerank_scores(composer, split, feats, candidates, torch.zeros(len(split.queries), len(ids)))
         else:
-            query_vectors(composer, split, feats)
+            query_vectors(composer, split, feats, batch_size=BATCH)
         rec.hook.remove()
-        per_query = len(rec.ids) // len(split.queries)
-        if per_query * len(split.queries) != len(rec.ids) or len(rec.texts) != len(rec.ids):
-            raise RuntimeError(f"{recipe}: recorded {len(rec.texts)} texts / {len(rec.ids)} id rows for "
-                               f"{len(split.queries)} queries")
-        for i, q in enumerate(split.queries):
-            rows = range(i, len(rec.ids), len(split.queries)) if per_query > 1 else [i]
-            records.append({"qid": q.qid, "texts": [rec.texts[r] for r in rows], "ids": [rec.ids[r] for r in rows]})
+        n = len(split.queries)
+        per_query = len(rec.ids) // n
+        if per_query * n != len(rec.ids) or len(rec.texts) != len(rec.ids):
+            raise RuntimeError(f"{recipe}: recorded {len(rec.texts)} texts / {len(rec.ids)} id rows for {n} queries")
+        # query_vectors composes BATCH queries at a time, each of its texts (caption orders) in turn
+        for s in range(0, n, BATCH):
+            b = min(BATCH, n - s)
+            for i, q in enumerate(split.queries[s:s + b]):
+                rows = [per_query * s + j * b + i for j in range(per_query)]
+                records.append({"qid": q.qid, "texts": [rec.texts[r] for r in rows],
+                                "ids": [rec.ids[r] for r in rows]})
     return records
 
 

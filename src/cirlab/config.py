@@ -40,6 +40,9 @@ class DataConfig(Strict):
     val_split: str = "val"
     transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
     target_ratio: float = 1.25
+    token_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="how cached image token sequences are stored: float16 halves disk and page "
+        "cache; float32 as the official code (the CIRR, FashionIQ and CIRCO configs; docs/compat.md)")
     train_fraction: float = Field(1.0, gt=0, le=1, description="train on this share of the training triplets "
                                   "(a fixed draw, the same for every seed and method: data-limited experiments)")
     extensions: list[str] = Field([], description="extension caption files whose triplets are added to the "
@@ -233,6 +236,12 @@ def validate(model: type[BaseModel], data: dict, source: str) -> Any:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     data = apply_overrides(compose(path), overrides or [])
     return validate(ExperimentConfig, data, str(path))
+
+
+def dataset_defaults(dataset: str) -> DataConfig:
+    """The data group of ``dataset`` (``configs/data/<dataset>.yaml``): its preprocessing and storage
+    defaults, for commands that take a dataset name rather than a config."""
+    return validate(DataConfig, compose(CONFIG_ROOT / "data" / f"{dataset}.yaml"), f"configs/data/{dataset}.yaml")
 
 
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:

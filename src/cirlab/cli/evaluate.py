@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cirlab.config import load_config
+from cirlab.config import dataset_defaults, load_config
 
 DATASETS = ["shapes", "cirr", "fashioniq", "circo"]
 
@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--beyond-k", choices=["official", "first-stage"], help="re-ranking models: below the top K, "
                    "nothing (official: every metric counts hits inside the K) or the first stage's order "
                    "(default: the model's own setting, method.beyond_k)")
+    p.add_argument("--token-dtype", choices=["float16", "float32"], help="storage of cached image token sequences "
+                   "(default: the data config's token_dtype: float32 for CIRR, FashionIQ and CIRCO as the official code, float16 for shapes)")
     p.add_argument("--max-queries", type=int, help="evaluate the first N queries only (CPU budget)")
     p.add_argument("--decode", action="store_true", help="decode every image first and leave out the unreadable "
                    "ones (as missing ones always are)")
@@ -71,7 +73,8 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     name = folder.parent.name if folder.name == "model" else folder.name  # <run>/model: the run's name
     out = _out_dir(args, name, split_name)
     options = dict(batch_size=args.batch_size or 64, rerank_ks=args.rerank_k, fusion_weight=args.fusion,
-                   beyond_k=args.beyond_k, max_queries=args.max_queries)
+                   beyond_k=args.beyond_k, max_queries=args.max_queries,
+                   token_dtype=args.token_dtype or dataset_defaults(dataset).token_dtype)
     _run([composer], splits, out, name, options,
          {"model": str(args.model.resolve()), "dataset": dataset, "root": str(root), "split": split_name})
     return 0
@@ -97,7 +100,8 @@ def _evaluate_config(args: argparse.Namespace) -> int:
                          f"with cirlab eval --model <run>/model")
     composers = method.composers(cfg)
     out = _out_dir(args, cfg.name, split_name)
-    options = dict(batch_size=args.batch_size or cfg.evaluation.batch_size, max_queries=args.max_queries)
+    options = dict(batch_size=args.batch_size or cfg.evaluation.batch_size, max_queries=args.max_queries,
+                   token_dtype=args.token_dtype or cfg.data.token_dtype)
     _run(composers, splits, out, cfg.name, options, meta)
     return 0
 

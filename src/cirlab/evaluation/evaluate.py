@@ -26,7 +26,7 @@ from cirlab.evaluation.protocols import (category_of, combine_splits, evaluate_s
                                          recall_at_depths)
 from cirlab.evaluation.submission import (rankings_from_similarity, write_circo_submission,
                                           write_cirr_submission, write_fashioniq_predictions)
-from cirlab.retrieval.encode import image_features, split_image_ids
+from cirlab.retrieval.encode import TokenDtype, image_features, split_image_ids
 from cirlab.retrieval.feature_cache import FeatureSet
 from cirlab.retrieval.similarity import dot_similarity
 from cirlab.retrieval.topk import TopK, topk_from_similarity
@@ -95,12 +95,12 @@ def query_texts(composer: Composer, queries: Sequence[Query], forward: bool) -> 
 
 
 def split_features(composer: Composer, split: CIRSplit, *, batch_size: int = 64,
-                   extra_fields: Sequence[str] = ()) -> FeatureSet:
+                   extra_fields: Sequence[str] = (), token_dtype: TokenDtype = "float16") -> FeatureSet:
     """The cached image fields the composer reads for the split's gallery and references."""
     fields = {composer.gallery_field, composer.reference_field, *extra_fields}
     return image_features(composer.backbone, split, composer.preprocess, composer.transform_name(),
                           ids=split_image_ids(split), embeds="embeds" in fields, tokens="tokens" in fields,
-                          batch_size=batch_size)
+                          batch_size=batch_size, token_dtype=token_dtype)
 
 
 def _rows(feats: FeatureSet, name: str, ids: Sequence[str], leading: int | None = None) -> torch.Tensor:
@@ -247,9 +247,9 @@ Rows = dict[str, tuple[CIRSplit, torch.Tensor, torch.Tensor | None]]
 
 def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rerank_ks: Sequence[int] | None = None,
                fusion_weight: float | None = None, beyond_k: str | None = None,
-               extra_fields: Sequence[str] = ()) -> Rows:
+               extra_fields: Sequence[str] = (), token_dtype: TokenDtype = "float16") -> Rows:
     """``{row: (the split it is scored on, similarity, subset similarity or None)}`` of one split."""
-    feats = split_features(composer, split, batch_size=batch_size, extra_fields=extra_fields)
+    feats = split_features(composer, split, batch_size=batch_size, extra_fields=extra_fields, token_dtype=token_dtype)
     sim = similarity(composer, split, feats, batch_size=batch_size)
     if isinstance(composer, RerankComposer):
         reranked = rerank_rows(composer, split, feats, sim, rerank_ks or [composer.k], fusion_weight, beyond_k)
@@ -257,19 +257,22 @@ def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rer
     rows: Rows = {composer.name: (split, sim, None)}
     if composer.bidirectional and split.dataset == "shapes" and split.has_targets:
         back = reversed_split(split)
-        back_feats = split_features(composer, back, batch_size=batch_size, extra_fields=extra_fields)
+        back_feats = split_features(composer, back, batch_size=batch_size, extra_fields=extra_fields,
+                                    token_dtype=token_dtype)
         rows["backward"] = (back, similarity(composer, back, back_feats, forward=False, batch_size=batch_size), None)
         # the level to beat: the target image alone, no text (shapes scenes are one edit apart)
         image_only = ZeroShotComposer(composer.backbone, composer.recipe, mode="image")
         if (image_only.reference_field, image_only.gallery_field) != (composer.reference_field, composer.gallery_field):
-            back_feats = split_features(image_only, back, batch_size=batch_size, extra_fields=extra_fields)
+            back_feats = split_features(image_only, back, batch_size=batch_size, extra_fields=extra_fields,
+                                        token_dtype=token_dtype)
         rows["backward image-only"] = (back, similarity(image_only, back, back_feats, batch_size=batch_size), None)
     return rows
 
 
 def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_size: int = 64,
                       rerank_ks: Sequence[int] | None = None, fusion_weight: float | None = None,
-                      beyond_k: str | None = None, max_queries: int | None = None, topk_depths: Sequence[int] | None = None,
+                      beyond_k: str | None = None, token_dtype: TokenDtype = "float16",
+                      max_queries: int | None = None, topk_depths: Sequence[int] | None = None,
                       topk_k: int | None = None, extra_fields: Sequence[str] = ()) -> Evaluation:
     """Metrics (where the splits have targets) and rankings of every row on ``splits``
     (FashionIQ: one per category, combined as its protocol says).
@@ -277,13 +280,15 @@ def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_s
     ``topk_depths``: also R@K at these depths for the first row (how much a top-K list keeps,
     the ceiling of a re-ranker of it); ``topk_k``: keep each split's top-K candidate list of the
     first row (written by ``cirlab eval`` as the stage-I top-K file); ``extra_fields``: cache these
-    image fields too, so that several composers on one backbone share one cache entry."""
+    image fields too, so that several composers on one backbone share one cache entry;
+    ``token_dtype``: the storage of cached token sequences (see :func:`~cirlab.retrieval.encode.image_features`);
+    ``beyond_k``: a re-ranking composer's rule below its top K (default: its own)."""
     splits = [first_queries(s, max_queries) for s in splits]
     result = Evaluation(splits)
     per_split: dict[str, list[dict[str, float]]] = {}
     for split in splits:
         rows = split_rows(composer, split, batch_size=batch_size, rerank_ks=rerank_ks, fusion_weight=fusion_weight,
-                          beyond_k=beyond_k, extra_fields=extra_fields)
+                          beyond_k=beyond_k, extra_fields=extra_fields, token_dtype=token_dtype)
         first = next(iter(rows))
         if topk_k is not None:
             result.topk.append(candidates_of(split, rows[first][1], topk_k))

@@ -57,7 +57,8 @@ def composer_stage(cfg: ExperimentConfig, model: nn.Module, train_data: Dataset,
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         composer = to_composer(m)
-        result = evaluate_composer(composer, val_splits, batch_size=cfg.evaluation.batch_size, **eval_options)
+        result = evaluate_composer(composer, val_splits, batch_size=cfg.evaluation.batch_size,
+                                   token_dtype=cfg.data.token_dtype, **eval_options)
         return result.flat(primary=composer.name)
 
     def export(m: nn.Module, folder: Path, provenance: dict[str, Any]) -> Path:
@@ -188,7 +189,8 @@ def image_table(backbone: Backbone, splits: list[CIRSplit], cfg: ExperimentConfi
     offset = 0
     for split in splits:
         feats = image_features(backbone, split, transform, name, ids=ids_of(split) if ids_of else None,
-                               tokens=tokens, embeds=not tokens, batch_size=cfg.evaluation.batch_size)
+                               tokens=tokens, embeds=not tokens, batch_size=cfg.evaluation.batch_size,
+                               token_dtype=cfg.data.token_dtype)
         for k, i in enumerate(feats.ids):
             rows.setdefault(i, offset + k)
         for f in fields:

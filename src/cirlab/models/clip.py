@@ -11,10 +11,14 @@ plain ``encode_text`` goes through the same path, so both share one pooling rule
 
 from __future__ import annotations
 
+import html
+import re
+
+import ftfy
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, PreTrainedTokenizerBase
+from transformers import BatchEncoding, CLIPConfig, CLIPModel, CLIPTextConfig, PreTrainedTokenizerBase
 from transformers.masking_utils import create_causal_mask
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPTextModel
 
@@ -22,6 +26,12 @@ from .backbone import Backbone, ImageFeatures, inject_pseudo
 from .conv_vision import ConvVisionConfig, ConvVisionModel
 
 _LEGACY_EOS = 2  # pre-2023 HF CLIP configs: "eos_token_id": 2 means "pool at the argmax id"
+
+
+def clip_clean(text: str) -> str:
+    """openai CLIP's ``basic_clean`` then ``whitespace_clean`` (lower-casing is the tokenizer's)."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 class ClipBackbone(Backbone):
@@ -44,6 +54,14 @@ class ClipBackbone(Backbone):
                 "HF's own pooling and the adapter's would disagree"
             )
         self.eos_token_id = int(eos)
+
+    def tokenize(self, texts: str | list[str], max_length: int = 77) -> BatchEncoding:
+        """Backbone.tokenize of the texts cleaned as openai's ``clip.tokenize`` cleans them (and with
+        it CLIP4Cir, SPN4CIR, Pic2Word, SEARLE, LinCIR and RTD): ``ftfy.fix_text`` (e.g. curly quotes
+        straightened), HTML entities unescaped twice, whitespace runs collapsed. HF's fast CLIP
+        tokenizer does none of it ("They’re" would give other ids; docs/compat.md)."""
+        texts = [texts] if isinstance(texts, str) else texts
+        return super().tokenize([clip_clean(t) for t in texts], max_length=max_length)
 
     @property
     def text_encoder(self) -> CLIPTextModel:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -47,10 +47,18 @@ def files_digest(paths: dict[str, Path]) -> str:
     return h.hexdigest()
 
 
+TokenDtype = Literal["float16", "float32"]
+
+
 def image_features(backbone, split: CIRSplit, transform: Callable, transform_name: str, *,
                    ids: list[str] | None = None, tokens: bool = False, embeds: bool = True,
-                   cache_dir: str | Path | None = None, batch_size: int = 128) -> FeatureSet:
+                   cache_dir: str | Path | None = None, batch_size: int = 128,
+                   token_dtype: TokenDtype = "float16") -> FeatureSet:
     """``embeds`` and/or ``tokens`` of ``ids`` (default: :func:`split_image_ids`).
+
+    ``token_dtype``: how token sequences are stored (float16 halves disk and page cache; the
+    official code keeps float32, which the CIRR / FashionIQ / CIRCO data configs choose; the
+    measured difference: docs/compat.md). Embeddings are always float32.
 
     Keyed by the fingerprint of the backbone's image side (:meth:`Backbone.image_fingerprint`;
     a tokens-only set does not depend on the image projection), the preprocessing, the id list
@@ -84,4 +92,4 @@ def image_features(backbone, split: CIRSplit, transform: Callable, transform_nam
     key = {"backbone": backbone.image_fingerprint(projection=embeds), "transform": transform_name,
            "files": files_digest(paths), "fields": names}
     return cached_features(cache_dir or default_cache_dir(), key=key, ids=ids, encode=encode,
-                           batch_size=batch_size)
+                           batch_size=batch_size, dtype={"tokens": getattr(torch, token_dtype)})
