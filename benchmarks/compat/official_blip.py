@@ -325,16 +325,10 @@ def meta(kind: str, repo_dir: Path, extra: dict | None = None) -> dict:
     import transformers
     info = {"kind": kind, "official_repo": REPO_URL[REPO[kind]], "commit": git_head(repo_dir),
             "seed": SEEDS[kind], "precision": "fp32", "mode": "eval (model.eval(), torch.no_grad())",
-            "device": "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": "cpu", "torch": str(torch.__version__), "transformers": str(transformers.__version__),
             "python": platform.python_version()}
     info.update(extra or {})
     return info
-
-
-def purge_modules(prefixes):
-    for name in list(sys.modules):
-        if name.split(".")[0] in prefixes:
-            del sys.modules[name]
 
 
 # ------------------------------------------------------------------------------------------ blip-base
@@ -771,7 +765,7 @@ def run_rerank_stage2(official: Path, inputs: Path, out: Path):
             logits, group_logits, ref_names, _, group_noref = validate_stage2.generate_cirr_val_predictions(
                 model, stage1, relative, index_names, index_features)
             assert ref_names == names
-            # query 0 spelled out with the same official calls (validate_stage2.py:253-262) for localisation
+            # query 0 spelled out with the same official calls (validate_stage2.py:242-252) for localisation
             r0 = index_features[:1]
             z_t = stage1.img_txt_fusion(r0, None, spec["cirr_captions"][:1], train=False, return_raw=True)
             logits_0 = model.img_txt_fusion_val(z_t, index_features, spec["cirr_captions"][:1])
@@ -793,7 +787,7 @@ def run_rerank_stage2(official: Path, inputs: Path, out: Path):
                       "candidates = all 8 images in input order (K=8 top-K file written for it)",
             "z_t": "stage-I text encoder ([ENC], grounded) last_hidden_state with the reference tokens from the "
                    "STAGE-II ViT (extract_index_features(classic, model, blip_stage2=True) feeds both): "
-                   "validate_stage2.py:241/253",
+                   "validate_stage2.py:293 (index features) and :244 (z_t)",
             "image_features": "stage-II ViT CLS token (577x768 tokens in vit_last_hidden); stage II has no vision_proj",
             "group_scores": "the same for the 5 group members (img_set.members minus the reference)",
             "texts": "raw CIRR captions, tokenised one query at a time (padding='longest' on one caption)",
