@@ -22,15 +22,19 @@ Written under ``--out``:
 * ``ckpt/clip-vit-large-patch14-hf/``: ``CLIPModel.save_pretrained`` (fp32 safetensors holding
   fp16-exact values; config.json as on the hub, text ``eos_token_id`` 2 = legacy argmax pooling) +
   the offline tokenizer (slow and fast files) + preprocessor_config.json; this is what cirlab loads.
-* ``ckpt/openai/ViT-L-14.pt``: the same weights in openai's layout (fp16 state dict, plus the
-  ``input_resolution``/``context_length``/``vocab_size`` entries a released JIT file's state dict
-  carries); read by ``clip.load(path, jit=False)`` (SEARLE) and Pic2Word's ``model.clip.load``.
+* ``ckpt/openai/ViT-L-14.pt``: the same weights in openai's layout and format: a TorchScript archive
+  (traced forward / encode_image / encode_text, fp16 parameters, plus ``input_resolution``,
+  ``context_length``, ``vocab_size`` buffers) like openai's release, read by ``clip.load(path,
+  jit=False)`` (SEARLE) and Pic2Word's ``model.clip.load``. A plain state-dict file cannot be used:
+  clip 1.0.1's ``load`` runs ``torch.jit.load`` on the open file, which reads it to the end, then
+  ``torch.load`` on the same object, which fails at EOF under torch 2.13.
 * ``ckpt/pic2word/pic2word_model.pt``, ``ckpt/searle/SEARLE_ViT-L14.pt``,
   ``ckpt/lincir/phi_best.pt``, ``ckpt/rtd/text_encoder_best.pt`` (RTD also uses LinCIR's Phi).
 * ``layouts/<method>.json`` (+ ``layouts/openai-clip.json``): the facts of each file.
-* ``ref/<method>.pt``: the official outputs (see ``_save_ref``); ``ref/conversion_check.json``:
+* ``ref/<method>.pt``: the official outputs (keys in REPORT_clip.md); ``ref/conversion_check_clip.json``:
   HF vs openai ``clip`` vs Pic2Word's CLIP fork on the same pixels and token ids.
-* ``standins/``: the fake dataset folders and the fake HF hub cache below.
+* ``standins_clip/``: the fake dataset folders and the fake HF hub cache below; ``build.json`` marks a
+  finished build (``--rebuild`` redoes it).
 
 The offline HF tokenizer is also written to ``--hf-dir``/clip-vit-large-patch14 (default
 /work/scratch/hf): vocab.json and merges.txt derived from the openai ``clip`` package's
@@ -49,13 +53,13 @@ Stand-ins (everything that is not the official code path, all small):
 2. ``DataLoader`` in the official modules is wrapped to force ``num_workers=0``,
    ``pin_memory=False`` and ``batch_size <= 8`` (official: 32 with 10 workers); with 8 items the
    batches are the same.
-3. Fake dataset folders (``standins/data``) in each repository's own CIRR / FashionIQ layout:
+3. Fake dataset folders (``standins_clip/data``) in each repository's own CIRR / FashionIQ layout:
    symlinks to the 8 input images and caption / split JSON files; query i = (image i, caption i),
    target image (i + 1) % 8, CIRR group = images i, i+1, i+2; FashionIQ pairs all under ``dress``
    (``shirt`` and ``toptee`` empty).
 4. Hub-free CLIP loading: openai ``clip.load`` and Pic2Word's ``model.clip.load`` are given the path
    of ``ckpt/openai/ViT-L-14.pt`` instead of the name "ViT-L/14" (both accept a file path); LinCIR's
-   and RTD's unmodified ``build_text_encoder`` reads a fake HF hub cache (``standins/hf_cache``,
+   and RTD's unmodified ``build_text_encoder`` reads a fake HF hub cache (``standins_clip/hf_cache``,
    ``HF_HUB_OFFLINE=1``) whose snapshot for openai/clip-vit-large-patch14 symlinks the HF folder's
    files and whose stabilityai/stable-diffusion-xl-base-1.0/tokenizer_2 is the offline tokenizer
    with ``pad_token "!"`` as SDXL's (that tokenizer is built but unused by validation, which
@@ -63,7 +67,10 @@ Stand-ins (everything that is not the official code path, all small):
 5. Spies: ``clip.tokenize`` / Pic2Word's ``data.tokenize``, the ``encode_with_pseudo_tokens*``
    function, Pic2Word's ``encode_text_img_retrieval`` and ``get_metrics_*`` are wrapped to record
    their arguments and results (they call the original unchanged); forward hooks record module
-   inputs / outputs (pixels, Phi in/out, text hidden states).
+   inputs / outputs (pixels, Phi in/out, text hidden states). One exception: Pic2Word's
+   ``get_metrics_cirr`` raises on any CIRR layout (gallery names are full paths, reference names
+   bare), so its spy records the error and returns NaN metrics, letting ``evaluate_cirr`` finish
+   its loop; the features are recorded before the metric call either way.
 6. The training-side settings the evaluation reads are passed as a Namespace (Pic2Word: model path,
    middle_dim 512, n_layer 2, precision "amp", gpu None; LinCIR/RTD: clip_model_name "large",
    mixed_precision forced to "fp16" as validate.py main does, l2_normalize False).
@@ -417,8 +424,13 @@ def write_layout(ctx: Ctx, name: str, path: Path, facts: dict, jit: bool = False
         ckpt = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     else:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # also proves a safe load works
+    if jit:
+        top = {"<TorchScript archive>": f"torch.jit.load(path).state_dict(): {len(ckpt)} tensors, first key "
+                                        f"{next(iter(ckpt))!r}; methods forward, encode_image, encode_text"}
+    else:
+        top = top_level_summary(ckpt)
     layout = {**facts, "file": str(path.relative_to(ctx.out)), "bytes": path.stat().st_size,
-              "top_level": top_level_summary(ckpt), "key_path_separator": "/",
+              "top_level": top, "key_path_separator": "/",
               "tensors": describe_tree(ckpt), "dtype": ",".join(dtypes_of(ckpt))}
     ctx.layouts.mkdir(parents=True, exist_ok=True)
     (ctx.layouts / f"{name}.json").write_text(json.dumps(layout, indent=1) + "\n")
@@ -615,8 +627,7 @@ def build(ctx: Ctx) -> None:
                   "fp32 (trained under amp; released Phi files are fp32)"]})
 
     torch.manual_seed(SEED + 30)
-    with stub_modules():
-        lincir_models = load_file_module("lincir_models", ctx.checkout("lincir") / "models.py")
+    lincir_models = load_file_module("lincir_models", ctx.checkout("lincir") / "models.py")
     phi = lincir_models.Phi(input_dim=768, hidden_dim=768 * 4, output_dim=768, dropout=0.5)  # validate.py:557-560
     ctx.files["lincir"].parent.mkdir(parents=True, exist_ok=True)
     torch.save({"epoch": 20000, phi.__class__.__name__: phi.state_dict()}, ctx.files["lincir"])
@@ -649,7 +660,10 @@ def build(ctx: Ctx) -> None:
         "notes": ["transformers 4.36 state dict: text_model.* and text_projection.weight; no position_ids "
                   "(non-persistent buffer since 4.31)",
                   "values are fp16-exact: validate.py forces mixed_precision='fp16' (:556) so the official "
-                  "eval rounds a fp32 text encoder checkpoint to fp16 when it loads it"]})
+                  "eval rounds a fp32 text encoder checkpoint to fp16 when it loads it",
+                  "random 'tuned' encoder: the shared CLIP text tower + projection, each weight matrix + 0.05 std "
+                  "N(0,1), biases likewise, LayerNorms re-drawn (1 + 0.1 N, 0.1 N), position embeddings += 0.02 N, "
+                  "then fp16-rounded"]})
     del te
 
     # 5. conversion check: HF vs openai clip vs Pic2Word's fork, same pixels and token ids
@@ -870,7 +884,11 @@ def run_pic2word(ctx: Ctx) -> None:
                                  "src/eval_utils.py:544 get_metrics_fashion, :558 get_metrics_cirr"],
                       notes=["pseudo token replaces the first '*' (id 265) of row 0's ids, for every row "
                              "(model.py:480-489)", "pooled at the first id 49407 (model.py:478-479, 498)",
-                             "FashionIQ: one order, captions[1] first; no strip()"]),
+                             "FashionIQ: one order, captions[1] first; no strip()",
+                             "Phi (img2text) input: unnormalised encode_image output",
+                             "metrics: the official get_metrics_cirr raises on every CIRR layout (gallery names are "
+                             "full paths, data.py:137, reference names bare, data.py:133); features were recorded "
+                             "before it and the error kept in metrics['official_errors']"]),
     }
     _save_ref(ctx, "pic2word", record)
 
@@ -1125,10 +1143,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--official", required=True, help="folder holding the official checkouts")
     parser.add_argument("--inputs", required=True, help="folder with the images and inputs.json")
-    parser.add_argument("--out", required=True, help="output root (ckpt/, layouts/, ref/, standins/)")
+    parser.add_argument("--out", required=True, help="output root (ckpt/, layouts/, ref/, standins_clip/)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--hf-dir", default="/work/scratch/hf", help="where the offline HF tokenizer folder goes")
-    parser.add_argument("--rebuild", action="store_true", help="rebuild the weights even if ckpt/build.json exists")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the weights even if standins_clip/build.json exists")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if os.nice(0) < 10:

@@ -66,6 +66,7 @@ class Recipe:
     recipe: Callable[[str], QueryRecipe]  # dataset -> the recipe a model of this kind carries
     composer: str  # "sum" | "grounded" | "rerank" | "projection" | "zeroshot-sum"
     note: str = ""
+    marker: tuple[str, int, str, int] | None = None  # official (char, id) that cirlab writes as (char, id)
 
 
 def _config_recipe(path: str, *overrides: str, projection: bool = False) -> Callable[[str], QueryRecipe]:
@@ -97,7 +98,8 @@ RECIPES: dict[str, Recipe] = {
     "zeroshot-clip": Recipe("clip4cir", "clip", _config_recipe("eval/fashioniq_zeroshot_clip.yaml"), "zeroshot-sum",
                             "image + text sum on CLIP (CLIP4Cir's starting point)"),
     "pic2word": Recipe("pic2word", "clip", _config_recipe("projection/cirr_pic2word.yaml", projection=True),
-                       "projection"),
+                       "projection", "Pic2Word's marker '*' (265) is cirlab's '$' (259); both are replaced by the "
+                       "pseudo-word", marker=("*", 265, "$", 259)),
     "searle": Recipe("searle", "clip", lambda d: QueryRecipe(prompt=IMPORTED_PROMPT, caption_orders="both"),
                      "projection", "an imported SEARLE Phi (cirlab.composers.convert)"),
     "lincir": Recipe("lincir", "clip", _config_recipe("projection/cirr_lincir.yaml", projection=True), "projection"),
@@ -226,14 +228,24 @@ def read_jsonl(path: Path) -> dict[str, dict]:
     return {r["qid"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
-def compare_one(ours: dict[str, dict], theirs: dict[str, dict]) -> dict:
-    """Counts and up to three examples of each kind of difference."""
+def with_marker(record: dict, marker: tuple[str, int, str, int] | None) -> dict:
+    """An official record with its pseudo-word marker written as cirlab's (the prompt's first one)."""
+    if marker is None:
+        return record
+    char, official_id, ours, our_id = marker
+    return {**record, "texts": [t.replace(f" {char} ", f" {ours} ", 1) for t in record["texts"]],
+            "ids": [[our_id if i == official_id else i for i in ids] for ids in record["ids"]]}
+
+
+def compare_one(ours: dict[str, dict], theirs: dict[str, dict], marker=None) -> dict:
+    """Counts and up to three examples of each kind of difference (``marker``: see :class:`Recipe`)."""
     out = {"queries": len(ours), "missing": sorted(set(theirs) ^ set(ours))[:3], "equal": 0, "text_differs": 0,
            "ids_differ": 0, "examples": []}
     for qid, r in ours.items():
         o = theirs.get(qid)
         if o is None:
             continue
+        o = with_marker(o, marker)
         same_text, same_ids = r["texts"] == o["texts"], r["ids"] == o["ids"]
         out["equal"] += same_text and same_ids
         out["text_differs"] += not same_text
@@ -250,13 +262,13 @@ def compare(args: argparse.Namespace) -> int:
             mine, official = args.cirlab / f"{name}.{dataset}.jsonl", args.official / f"{recipe.official}.{dataset}.jsonl"
             if not (mine.is_file() and official.is_file()):
                 continue
-            result = compare_one(read_jsonl(mine), read_jsonl(official))
+            result = compare_one(read_jsonl(mine), read_jsonl(official), recipe.marker)
             rows.append({"recipe": name, "official": recipe.official, "dataset": dataset, **result})
-    print("| recipe | official | dataset | queries | equal | text differs | ids differ |")
-    print("|---|---|---|---|---|---|---|")
+    print("| recipe | official | dataset | queries | equal | text differs | ids differ | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['recipe']} | {r['official']} | {r['dataset']} | {r['queries']} | {r['equal']} | "
-              f"{r['text_differs']} | {r['ids_differ']} |")
+              f"{r['text_differs']} | {r['ids_differ']} | {RECIPES[r['recipe']].note} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 COMMANDS = ["cirlab.cli.data", "cirlab.cli.score", "cirlab.cli.train", "cirlab.cli.evaluate", "cirlab.cli.curves",
-            "cirlab.cli.demo", "cirlab.cli.index", "cirlab.cli.search", "cirlab.cli.serve", "cirlab.cli.spn"]
+            "cirlab.cli.demo", "cirlab.cli.importing", "cirlab.cli.index", "cirlab.cli.search", "cirlab.cli.serve", "cirlab.cli.spn"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from cirlab.data.fashioniq import fiq_val_texts
-from cirlab.data.images import load_image
+from cirlab.data.images import decode_image
 from cirlab.data.transforms import build_transform
 from cirlab.models import Backbone, load_backbone, save_backbone
 from cirlab.utils.io import atomic_dir, dump_json, read_json
@@ -139,8 +139,7 @@ class Composer(nn.Module):
 
     def pixels(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         """Decode (paths) and preprocess a list of images into a pixel batch."""
-        return torch.stack([self.preprocess(load_image(x) if isinstance(x, (str, Path)) else x.convert("RGB"))
-                            for x in images])
+        return torch.stack([self.preprocess(decode_image(x) if isinstance(x, (str, Path)) else x) for x in images])
 
     @torch.no_grad()
     def image_features(self, images: ImageInput, fields: Sequence[Field]) -> dict[str, torch.Tensor]:
@@ -256,8 +255,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"model folder not found: {path}")
     file = path / MANIFEST
     if not file.is_file():
-        hint = " (it is a backbone folder: evaluate it with a zero-shot config)" if (path / "config.json").is_file() else ""
-        raise FileNotFoundError(f"{path} is not a cirlab model folder: no {MANIFEST}{hint}")
+        raise FileNotFoundError(f"{path} is not a cirlab model folder: no {MANIFEST} (nor a backbone folder: "
+                                f"no config.json)")
     manifest = read_json(file, "composer manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{file}: not a cirlab composer manifest (format {FORMAT!r} expected)")
@@ -272,11 +271,15 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Composer:
-    """The composer saved in ``path``, in eval mode; no training code or config is needed.
+    """The composer saved in ``path``, in eval mode; no training code or config is needed. A plain
+    backbone folder (BLIP or CLIP, e.g. from ``cirlab import blip``) gives its zero-shot model
+    (:meth:`~cirlab.composers.ZeroShotComposer.from_backbone`).
 
     The backbone's fingerprint is checked against the manifest, so a folder whose parts were
     swapped or damaged is refused rather than silently giving other results."""
     path = Path(path)
+    if not (path / MANIFEST).is_file() and (path / "config.json").is_file():  # a plain BLIP / CLIP folder
+        return REGISTRY["zeroshot"].from_backbone(load_backbone(path, device=device)).to(device).eval()
     manifest = read_manifest(path)
     backbone = load_backbone(path / manifest["backbone"], kind=manifest.get("backbone_kind"), device=device)
     fingerprint = backbone.fingerprint()

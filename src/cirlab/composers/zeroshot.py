@@ -7,6 +7,12 @@
   the reference image's tokens, through ``text_proj`` (the re-ranking paper's stage-I query).
 
 Gallery side: normalize(image embedding) in every mode.
+
+``cirlab.load`` of a plain backbone folder (a BLIP or CLIP checkpoint, no CIR training) gives
+:meth:`ZeroShotComposer.from_backbone`: the ``sum`` mode, because the image and text features of
+BLIP's and CLIP's unimodal encoders live in one contrastively aligned space and their sum is the
+composed baseline that CLIP4Cir and BLIP4CIR start from; BLIP's grounded state is trained for
+image-text matching, not for that space (zero-shot it ranks at chance: docs/results.md).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from .base import Composer, QueryRecipe, register
 
 Mode = Literal["image", "text", "sum", "grounded"]
 MODES: tuple[str, ...] = ("image", "text", "sum", "grounded")
+# a plain backbone's preprocessing: the BLIP CIR repos' TargetPad, CLIP's own resize + center crop
+BACKBONE_TRANSFORMS = {"blip": "targetpad", "clip": "resize"}
 
 
 def grounded_embeds(composer: Composer, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -43,6 +51,11 @@ class ZeroShotComposer(Composer):
         super().__init__(backbone, recipe)
         self.mode = mode
         self.reference_field = "tokens" if mode == "grounded" else "embeds"
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone) -> "ZeroShotComposer":
+        """The zero-shot model of a plain backbone (see the module docstring)."""
+        return cls(backbone, QueryRecipe(transform=BACKBONE_TRANSFORMS[backbone.kind]), mode="sum")
 
     @property
     def name(self) -> str:

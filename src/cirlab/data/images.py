@@ -25,7 +25,13 @@ class UnreadableImage(OSError):
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Decode ``path`` fully into an RGB image.
+    """Decode ``path`` fully into an RGB image (see :func:`decode_image`)."""
+    return decode_image(path).convert("RGB")
+
+
+def decode_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully, in the file's own mode (what preprocessing takes: it converts to RGB
+    last, as the official torchvision pipelines do, see :mod:`cirlab.data.transforms`).
 
     An absent file raises FileNotFoundError; any file Pillow cannot decode raises
     :class:`UnreadableImage` naming it. That includes images above ``Image.MAX_IMAGE_PIXELS``
@@ -37,7 +43,7 @@ def load_image(path: str | Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return image.convert("RGB")
+                return image.copy()  # decoded; the file is closed on leaving
     except FileNotFoundError:
         raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ... for a corrupt file

@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, get_worker_info
 
 from cirlab.data.base import CIRSplit, Query
 from cirlab.data.fashioniq import fiq_train_caption, fiq_train_forms, fiq_val_caption
-from cirlab.data.images import MissingImages, collate_skip_none, load_image
+from cirlab.data.images import MissingImages, collate_skip_none, decode_image
 
 TextFn = Callable[[Query, bool], str]
 Transform = Callable[[Any], torch.Tensor]
@@ -52,7 +52,7 @@ class _ImageDataset(Dataset):
         path = self.split.find_image(image_id)
         if path is not None:
             try:
-                return self.transform(load_image(path))
+                return self.transform(decode_image(path))
             except OSError:  # truncated or not an image: PIL raises OSError subclasses
                 pass
         self.missing.add(image_id)

@@ -5,6 +5,11 @@ Supervised repos (CLIP4Cir lineage): ``TargetPad(1.25) -> Resize(dim, bicubic) -
 -> RGB -> tensor -> Normalize(CLIP mean/std)``; ``squarepad`` pads to a square instead; the
 zero-shot repos use the plain CLIP pipeline (``resize``: no padding). Every step reproduces
 torchvision's arithmetic (output sizes, crop offsets) so that features match the official code.
+The geometric steps run in the image's own mode and the RGB conversion comes last, as in the
+official pipelines (``_convert_image_to_rgb`` after the crop): an RGBA image is padded with
+transparent black and resampled with premultiplied alpha, a palette image (mode P) is resampled
+nearest (Pillow's rule for that mode); pass images decoded with
+:func:`cirlab.data.images.decode_image` (docs/compat.md measures the difference it makes).
 Steps are small classes, not closures, so a transform pickles into DataLoader workers.
 """
 

@@ -17,7 +17,7 @@ from typing import Callable, Literal
 import torch
 
 from cirlab.data.base import CIRSplit
-from cirlab.data.images import load_image
+from cirlab.data.images import decode_image
 from cirlab.retrieval.feature_cache import FeatureSet, cached_features
 from cirlab.utils.io import dump_json
 
@@ -76,7 +76,7 @@ def image_features(backbone, split: CIRSplit, transform: Callable, transform_nam
 
     def read(image_id: str) -> torch.Tensor:
         try:
-            return transform(load_image(paths[image_id]))
+            return transform(decode_image(paths[image_id]))
         except OSError as e:  # a corrupt file: name it, and how to leave such files out
             raise ValueError(f"{split.name}: image {image_id!r}: {e}; `cirlab data check --decode` lists every such "
                              f"file, `cirlab eval --decode` leaves them out") from None

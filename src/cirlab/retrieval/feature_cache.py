@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from cirlab.utils.io import atomic_write_json, dump_json, read_json
 
-FORMAT = 1
+FORMAT = 2  # 2: non-RGB images preprocessed in their own mode (cirlab.data.transforms)
 MANIFEST = "manifest.json"
 
 # Storage dtypes. Token sequences are large (BLIP ViT-B: 577 x 768 per image), so they are
