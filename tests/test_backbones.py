@@ -356,11 +356,11 @@ def original_blip_state(width=64, text=64, grid=2, patch=8, seed=0):
 
 
 def test_convert_original_blip_checkpoint(tmp_path):
-    from cirlab.models.convert import convert_blip_checkpoint
+    from cirlab.importers import import_blip
 
     state = original_blip_state()
     torch.save({"model": state, "epoch": 19}, tmp_path / "model_base.pth")
-    folder = convert_blip_checkpoint(tmp_path / "model_base.pth", tmp_path / "blip", image_size=32)  # 2x2 -> 4x4
+    folder = import_blip(tmp_path / "model_base.pth", tmp_path / "blip", image_size=32)  # 2x2 -> 4x4
     bb = load_backbone(folder, kind="blip")
     params = dict(bb.model.named_parameters())
     pairs = {
@@ -385,5 +385,5 @@ def test_convert_original_blip_checkpoint(tmp_path):
     del state["visual_encoder.blocks.0.attn.qkv.bias"]
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="missing .*qkv.bias"):
-        convert_blip_checkpoint(tmp_path / "broken.pth", tmp_path / "blip2", image_size=32)
+        import_blip(tmp_path / "broken.pth", tmp_path / "blip2", image_size=32)
     assert not (tmp_path / "blip2").exists()

@@ -228,16 +228,26 @@ def test_a_truncated_checkpoint_is_refused_naming_the_file(stage1_file, tmp_path
     assert f"{tmp_path / 'cut.pt'}: not a readable" in err and not (tmp_path / "out").exists()
 
 
-def test_an_imported_folder_evaluates_indexes_and_is_served(stage1_file, tiny_shapes, tmp_path):
+def test_an_imported_folder_evaluates_indexes_and_is_served(stage1_file, tiny_shapes, tmp_path, monkeypatch, capsys):
     from fastapi.testclient import TestClient
 
     from cirlab.config import ServeConfig
+    from cirlab.importers import zoo
     from cirlab.serving.app import create_app
 
     assert run("rerank-stage1", stage1_file[0], "--out", tmp_path / "filter") == 0
+    # a release cirlab knows by its file's SHA-1: eval prints the reported numbers beside its own
+    sha1 = hashlib.sha1(stage1_file[0].read_bytes()).hexdigest()
+    release = zoo.Release("a filter", "shapes", {"blip_mean.pt": sha1}, "a test", reported={"R@1": 12.5},
+                          reported_by="nobody")
+    monkeypatch.setattr(zoo, "RELEASES", [release])
     assert main(["eval", "--model", str(tmp_path / "filter"), "--dataset", "shapes", "--root", str(tiny_shapes),
                  "--run-dir", str(tmp_path / "eval")]) == 0
-    assert {"R@1", "Rs@1"} <= set(json.loads((tmp_path / "eval" / "metrics.json").read_text())["filter"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["filter"]
+    assert {"R@1", "Rs@1"} <= set(metrics)
+    out = capsys.readouterr().out
+    assert "a filter on shapes, released in a test; reported by nobody" in out
+    assert "reported (val)" in out and "12.50" in out and f"{metrics['R@1']:.2f}" in out.split("reported (val)")[1]
     images = tiny_shapes / "images" / "test"
     assert main(["index", "build", "--model", str(tmp_path / "filter"), "--images", str(images),
                  "--out", str(tmp_path / "index")]) == 0

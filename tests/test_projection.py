@@ -290,7 +290,8 @@ def _official_pic2word(embed_dim: int, token_dim: int) -> torch.nn.Module:
 
 
 def test_official_phi_and_rtd_checkpoints_import_as_a_projection_model(tmp_path):
-    from cirlab.composers.convert import convert_projection, main
+    from cirlab.cli import main
+    from cirlab.importers import import_projection
     from cirlab.models import save_backbone
 
     torch.manual_seed(0)
@@ -301,7 +302,7 @@ def test_official_phi_and_rtd_checkpoints_import_as_a_projection_model(tmp_path)
     p2w = _official_pic2word(clip.embed_dim, clip.token_dim).eval()
     torch.save({"epoch": 30, "state_dict_img2text": {f"module.{k}": v for k, v in p2w.state_dict().items()}},
                tmp_path / "p2w.pt")
-    model = cirlab.load(convert_projection(tmp_path / "p2w.pt", clip_dir, tmp_path / "p2w"))
+    model = cirlab.load(import_projection(tmp_path / "p2w.pt", clip_dir, tmp_path / "p2w"))
     assert isinstance(model, ProjectionComposer) and model.phi.style == "pic2word"
     with torch.no_grad():
         assert torch.allclose(model.pseudo_words(x), p2w.forward(x), atol=1e-6)
@@ -312,12 +313,14 @@ def test_official_phi_and_rtd_checkpoints_import_as_a_projection_model(tmp_path)
     tuned = build_small_clip(**TINY).eval()  # another init: a text encoder unlike the folder's
     text_state = {k: v for k, v in tuned.model.state_dict().items() if k.startswith(("text_model.", "text_projection."))}
     torch.save({"CLIPTextModelWithProjection": text_state}, tmp_path / "text_encoder_best.pt")
-    assert main([str(tmp_path / "phi_best.pt"), "--clip", str(clip_dir), "--out", str(tmp_path / "rtd"),
-                 "--text-encoder", str(tmp_path / "text_encoder_best.pt")]) == 0
+    assert main(["import", "rtd", str(tmp_path / "text_encoder_best.pt"), "--phi", str(tmp_path / "phi_best.pt"),
+                 "--clip", str(clip_dir), "--out", str(tmp_path / "rtd")]) == 0
     model = cirlab.load(tmp_path / "rtd")
     assert model.phi.style == "searle" and (model.recipe.caption_orders, model.recipe.transform) == ("both", "resize")
     enc = clip.tokenize(["a red square"])
-    with torch.no_grad():
+    with torch.no_grad():  # RTD's evaluation loads the text encoder in fp16: the import rounds it the same way
+        for p in tuned.model.parameters():
+            p.copy_(p.half().float())
         assert torch.allclose(model.pseudo_words(x), lincir(x), atol=1e-6)
         assert torch.allclose(model.backbone.encode_text(enc.input_ids, enc.attention_mask),
                               tuned.encode_text(enc.input_ids, enc.attention_mask), atol=1e-5)
@@ -327,10 +330,10 @@ def test_official_phi_and_rtd_checkpoints_import_as_a_projection_model(tmp_path)
     # bad input names the file and writes nothing
     torch.save({"Phi": {"layers.0.weight": torch.zeros(2, 2)}}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="odd.pt: neither a Pic2Word"):
-        convert_projection(tmp_path / "odd.pt", clip_dir, tmp_path / "odd")
+        import_projection(tmp_path / "odd.pt", clip_dir, tmp_path / "odd")
     torch.save({"CLIPTextModelWithProjection": {"text_projection.weight": torch.zeros(1)}}, tmp_path / "bad_text.pt")
-    with pytest.raises(ValueError, match="bad_text.pt: not this CLIP's text encoder"):
-        convert_projection(tmp_path / "phi_best.pt", clip_dir, tmp_path / "bad", tmp_path / "bad_text.pt")
+    with pytest.raises(ValueError, match="bad_text.pt: not a text encoder of this CLIP"):
+        import_projection(tmp_path / "phi_best.pt", clip_dir, tmp_path / "bad", text_encoder=tmp_path / "bad_text.pt")
     assert not (tmp_path / "odd").exists() and not (tmp_path / "bad").exists()
 
 

@@ -38,7 +38,7 @@ import torch
 
 from cirlab.composers import (BACKWARD, FORWARD, GroundedComposer, ProjectionComposer, QueryRecipe, RerankComposer, SumComposer,
                               ZeroShotComposer)
-from cirlab.composers.convert import PROMPT as IMPORTED_PROMPT
+from cirlab.importers.projection import PROMPT as IMPORTED_PROMPT
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.base import CIRSplit
 from cirlab.data.registry import load_splits
@@ -101,7 +101,7 @@ RECIPES: dict[str, Recipe] = {
                        "projection", "Pic2Word's marker '*' (265) is cirlab's '$' (259); both are replaced by the "
                        "pseudo-word", marker=("*", 265, "$", 259)),
     "searle": Recipe("searle", "clip", lambda d: QueryRecipe(prompt=IMPORTED_PROMPT, caption_orders="both"),
-                     "projection", "an imported SEARLE Phi (cirlab.composers.convert)"),
+                     "projection", "an imported SEARLE Phi (cirlab import searle)"),
     "lincir": Recipe("lincir", "clip", _config_recipe("projection/cirr_lincir.yaml", projection=True), "projection"),
     "rtd": Recipe("rtd", "clip", _config_recipe("projection/cirr_rtd.yaml", projection=True), "projection"),
 }

@@ -75,9 +75,28 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     options = dict(batch_size=args.batch_size or 64, rerank_ks=args.rerank_k, fusion_weight=args.fusion,
                    beyond_k=args.beyond_k, max_queries=args.max_queries,
                    token_dtype=args.token_dtype or dataset_defaults(dataset).token_dtype)
-    _run([composer], splits, out, name, options,
-         {"model": str(args.model.resolve()), "dataset": dataset, "root": str(root), "split": split_name})
+    metrics = _run([composer], splits, out, name, options,
+                   {"model": str(args.model.resolve()), "dataset": dataset, "root": str(root), "split": split_name})
+    _print_reported(args.model, dataset, metrics)
     return 0
+
+
+def _print_reported(model: Path, dataset: str, metrics: dict[str, dict[str, float]]) -> None:
+    """An imported release that cirlab recognises (by its files' SHA-1): the authors' numbers beside."""
+    from cirlab.composers import read_manifest
+    from cirlab.importers.zoo import release_of
+    from cirlab.utils.report import format_table
+
+    if not (model / "composer.json").is_file():
+        return
+    release = release_of(read_manifest(model).get("provenance"))
+    if release is None or release.dataset != dataset or not release.reported:
+        return
+    row = next(iter(metrics.values()), {})
+    table = {f"reported ({release.split})": release.reported,
+             "this evaluation": {k: row[k] for k in release.reported if k in row}}
+    print(f"{release.method} on {dataset}, released in {release.published}; reported by {release.reported_by}:")
+    print(format_table(table))
 
 
 def _evaluate_config(args: argparse.Namespace) -> int:
@@ -120,8 +139,9 @@ def _splits(dataset: str, root: Path | str, split: str, categories: list[str] | 
     return kept
 
 
-def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> None:
-    """Evaluate each composer, print one table, write metrics.json, eval.json and the predictions."""
+def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> dict[str, dict[str, float]]:
+    """Evaluate each composer, print one table, write metrics.json, eval.json and the predictions;
+    returns the metrics per row."""
     from cirlab.evaluation.evaluate import evaluate_composer, write_predictions
     from cirlab.retrieval.topk import save_topk
     from cirlab.training.run import environment
@@ -149,6 +169,7 @@ def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> 
         print(format_table(metrics))
         print(f"metrics: {out / 'metrics.json'}")
     print("predictions: " + ", ".join(str(p) for p in written))
+    return metrics
 
 
 def _evaluate_pretrain(args, cfg, splits, meta) -> int:

@@ -95,22 +95,23 @@ def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[
         raise ValueError(f"{path}: key {unknown[0]!r} is not part of a {what} ({len(unknown)} unknown keys)")
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a checkpoint file, recorded in the imported model's provenance."""
-    h = hashlib.sha256()
+def file_digests(path: str | Path) -> dict[str, str]:
+    """SHA-1 (what the authors publish, see :mod:`cirlab.importers.zoo`) and SHA-256 of a file, in one read."""
+    sha1, sha256 = hashlib.sha1(), hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            sha1.update(block)
+            sha256.update(block)
+    return {"sha1": sha1.hexdigest(), "sha256": sha256.hexdigest()}
 
 
 def provenance(kind: str, **files: str | Path | None) -> dict:
     """What an imported folder records of where it came from: the kind and each source file's
-    path and sha256 (folders by path only)."""
+    path and hashes (folders by path only)."""
     out: dict = {"imported": kind}
     for role, path in files.items():
         if path is None:
             continue
         path = Path(path)
-        out[role] = {"path": str(path.resolve()), **({"sha256": file_digest(path)} if path.is_file() else {})}
+        out[role] = {"path": str(path.resolve()), **(file_digests(path) if path.is_file() else {})}
     return out

@@ -2,7 +2,7 @@
 
 Importing this package registers cirlab's model types (cirlab_conv_vision, cirlab_blip,
 cirlab_clip) with ``AutoConfig`` / ``AutoModel``, so their saved folders load like any HF model.
-Converting original BLIP checkpoints: :mod:`cirlab.models.convert` (also ``python -m``).
+Importing the official checkpoints: :mod:`cirlab.importers` (``cirlab import``).
 """
 
 from transformers import AutoConfig, AutoModel
