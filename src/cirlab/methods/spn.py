@@ -91,10 +91,12 @@ def config_model(data: dict, source: str) -> BankConfig | GenerateConfig:
 
 
 def base_composer(cfg: ExperimentConfig) -> Composer:
-    """The first-stage model (``model.backbone``: a model folder) SPN works on."""
-    if not cfg.model.backbone or not (Path(cfg.model.backbone) / "composer.json").is_file():
-        raise ValueError(f"method spn: model.backbone must be a model folder (a composer.json inside), "
-                         f"got {cfg.model.backbone!r}")
+    """The first-stage model SPN works on: ``model.backbone`` is a model folder, or a plain BLIP /
+    CLIP folder (its zero-shot model, as ``cirlab.load`` gives it)."""
+    folder = Path(cfg.model.backbone) if cfg.model.backbone else None
+    if folder is None or not ((folder / "composer.json").is_file() or (folder / "config.json").is_file()):
+        raise ValueError(f"method spn: model.backbone must be a model folder (a composer.json inside) or a "
+                         f"backbone folder, got {cfg.model.backbone!r}")
     composer = load(cfg.model.backbone)
     if isinstance(composer, RerankComposer):
         raise ValueError(f"method spn: {cfg.model.backbone} is a re-ranking model; SPN trains a first stage, "

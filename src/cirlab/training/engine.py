@@ -25,6 +25,7 @@ Environment variables: ``CIRLAB_PRECISION`` (fp32|bf16|auto) overrides ``trainer
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping
@@ -186,6 +187,7 @@ class Trainer:
         desc = f"epoch {self.epoch + 1}/{t.epochs}"
         bar = progress(loader, desc=desc, total=self.sampler.num_batches, initial=start, unit="batch")
         sums: dict[str, torch.Tensor] = {}
+        since = time.perf_counter()
         for i, (batch, skipped) in enumerate(bar, start=start):
             self.skipped.update(skipped)
             boundary = (i + 1) % t.grad_accum == 0
@@ -198,6 +200,8 @@ class Trainer:
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
             if boundary:
+                now = time.perf_counter()  # wall time of the step, data loading included, logged as s_per_step
+                sums["s_per_step"], since = torch.tensor(now - since), now
                 self._optimizer_step(sums)
                 sums = {}
                 if self.step % t.log_every_steps == 0:
