@@ -128,3 +128,34 @@ def test_transform_pickles_for_dataloader_workers():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="targetpad"):
         build_transform("crop", 8)
+
+
+def _denormalised(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+
+
+def test_an_rgba_file_is_padded_transparent_and_converted_last_as_the_official_pipeline(tmp_path):
+    """torchvision's pipeline in the official code pads and resizes the image in its own mode and
+    converts to RGB after the crop: an RGBA image's padding is transparent, and Pillow resamples
+    RGBA with premultiplied alpha, so the red next to the padding stays red. Decoding to RGB first
+    (cirlab did, found against the official code: docs/compat.md) blends it with black."""
+    from cirlab.composers import QueryRecipe, ZeroShotComposer
+    from cirlab.models import build_small_blip
+
+    Image.new("RGBA", (100, 40), (255, 0, 0, 255)).save(tmp_path / "red.png")  # TargetPad adds rows above and below
+    composer = ZeroShotComposer(build_small_blip(image_size=64, stage_channels=(8, 8, 8, 8)), QueryRecipe())
+    ours = _denormalised(composer.pixels([tmp_path / "red.png"])[0])
+    first = _denormalised(build_transform("targetpad", 64)(Image.open(tmp_path / "red.png").convert("RGB")))
+    inside = ours[0].max(dim=1).values > 0.5  # the rows with red in them
+    assert 0 < inside.sum() < 64 and ours[0][inside].min() > 0.98  # fully red up to the padding
+    assert first[0][inside].min() < 0.9  # converting first darkens the edge rows
+    assert ours[:, ~inside].abs().max() < 1e-6  # the padding is black once the alpha is dropped
+
+
+def test_a_palette_image_is_resampled_nearest_like_pillow_does_in_mode_p():
+    palette = Image.new("P", (50, 50))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.paste(1, (0, 0, 25, 50))  # left half blue, right half red
+    x = _denormalised(build_transform("resize", 32)(palette))
+    colours = {tuple(round(v, 2) for v in x[:, i, j].tolist()) for i in range(32) for j in range(32)}
+    assert colours == {(0.0, 0.0, 1.0), (1.0, 0.0, 0.0)}  # no blend of the two: nearest, not bicubic
