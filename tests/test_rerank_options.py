@@ -27,7 +27,7 @@ def test_zero_initialised_residual_head_reproduces_the_stage_one_order(tiny_shap
     composer = _composer(tiny_pretrained_blip, residual_scale=1 / 0.07)
     feats = split_features(composer, split)
     sim = similarity(composer, split, feats)
-    (reranked, _), = rerank_rows(composer, split, feats, sim, [10]).values()
+    (reranked, _, _), = rerank_rows(composer, split, feats, sim, [10]).values()
     top = sim.clone()
     top[torch.arange(len(sim)), [split.gallery.index(q.reference) for q in split.queries]] = float("-inf")
     assert torch.equal(reranked.argsort(dim=1, descending=True)[:, :10], top.argsort(dim=1, descending=True)[:, :10])
@@ -35,7 +35,7 @@ def test_zero_initialised_residual_head_reproduces_the_stage_one_order(tiny_shap
     assert result.metrics["rerank@10"] == result.metrics["stage1"]
     # without the residual the zero head ties every candidate: the order is no longer stage I's
     plain = _composer(tiny_pretrained_blip, residual_scale=None)
-    (flat, _), = rerank_rows(plain, split, feats, sim, [10]).values()
+    (flat, _, _), = rerank_rows(plain, split, feats, sim, [10]).values()
     assert not torch.equal(flat.argsort(dim=1, descending=True)[:, :10], top.argsort(dim=1, descending=True)[:, :10])
 
 

@@ -322,7 +322,7 @@ def test_a_reranking_model_reranks_the_index_top_k_as_evaluation_does(tiny_shape
     split.queries = split.queries[:8]
     feats = split_features(searcher.composer, split)
     sim = similarity(searcher.composer, split, feats)
-    reranked, _ = rerank_rows(searcher.composer, split, feats, sim, [5])["rerank@5"]
+    reranked, _, _ = rerank_rows(searcher.composer, split, feats, sim, [5])["rerank@5"]
     column = {image: j for j, image in enumerate(split.gallery)}
     with served(searcher) as client:
         assert client.get("/healthz").json()["rerank"] is True

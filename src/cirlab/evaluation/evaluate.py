@@ -182,20 +182,15 @@ def _single_texts(composer: Composer, queries: Sequence[Query]) -> list[str]:
     return [t[0] for t in texts]
 
 
-def reranked_similarity(sim: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor,
-                        beyond_k: str = "first-stage") -> torch.Tensor:
-    """``sim`` with each row's candidates (the top K) given their new scores. ``beyond_k``:
-    "first-stage" lifts them above every other entry, which keeps its stage-I order below them;
-    "official" leaves nothing else ranked (-inf: :func:`rank_gallery` ends the list there), so
-    a target outside the top K never counts, as the official evaluation (validate_stage2.py)."""
+def reranked_similarity(sim: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``sim`` with each row's candidates (the top K) given their new scores and lifted above every
+    other entry, which keeps its stage-I order below them (a full ranking: what search serves and
+    prediction files hold; the official rule counts hits inside the K only, see :class:`Row`)."""
     valid = candidates >= 0
-    if beyond_k == "official":
-        out = torch.full_like(sim, float("-inf"))
-    else:
-        finite = sim[torch.isfinite(sim)]
-        top = scores[valid & torch.isfinite(scores)]
-        floor = (top.min() if top.numel() else sim.new_tensor(0.0)) - 1
-        out = sim - (finite.max() if finite.numel() else 0) + floor
+    finite = sim[torch.isfinite(sim)]
+    top = scores[valid & torch.isfinite(scores)]
+    floor = (top.min() if top.numel() else sim.new_tensor(0.0)) - 1
+    out = sim - (finite.max() if finite.numel() else 0) + floor
     rows = torch.arange(len(sim))[:, None].expand_as(candidates)
     out[rows[valid], candidates[valid].long()] = scores[valid]
     return out
@@ -212,14 +207,12 @@ def _subset_members(split: CIRSplit) -> torch.Tensor | None:
 
 
 def rerank_rows(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, sim: torch.Tensor,
-                ks: Sequence[int], fusion_weight: float | None = None,
-                beyond_k: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """``{row: (similarity, subset similarity)}`` for ``rerank@K`` at each K (and ``+fusion``:
+                ks: Sequence[int], fusion_weight: float | None = None
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """``{row: (similarity, subset similarity, K)}`` for ``rerank@K`` at each K (and ``+fusion``:
     re-ranker score + ``fusion_weight`` x stage-I cosine). The top max(K) is scored once; a
     smaller K re-sorts its first K. CIRR's member sets are scored directly (as the official
-    evaluation, independent of the top K). ``beyond_k``: the rule below the top K (default: the
-    composer's own, see :class:`~cirlab.composers.RerankComposer`)."""
-    beyond_k = beyond_k or composer.beyond_k
+    evaluation, independent of the top K)."""
     top = candidates_of(split, sim, max(ks))
     cand, stage1 = top.indices.long(), top.scores
     scores = rerank_scores(composer, split, feats, cand, sim)
@@ -237,35 +230,51 @@ def rerank_rows(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, si
             fused = member_scores + w * member_stage1
             subset[torch.arange(len(sim))[:, None].expand_as(members)[valid], members[valid]] = fused[valid]
         for k in sorted(set(ks)):
-            out[f"rerank@{k}{suffix}"] = (reranked_similarity(sim, cand[:, :k], scores[:, :k] + w * stage1[:, :k],
-                                                              beyond_k), subset)
+            out[f"rerank@{k}{suffix}"] = (reranked_similarity(sim, cand[:, :k], scores[:, :k] + w * stage1[:, :k]),
+                                          subset, k)
     return out
 
 
-Rows = dict[str, tuple[CIRSplit, torch.Tensor, torch.Tensor | None]]
+@dataclass
+class Row:
+    """One row of results on one split: the split it is scored on (shapes' ``backward`` rows rank
+    references), the (Q, N) similarity, the member-set similarity where it differs, and ``depth``:
+    the metrics count hits in the first ``depth`` ranked items only (a re-ranked row under the
+    official rule, ``beyond_k: official``); prediction files always hold the full ranking."""
+
+    split: CIRSplit
+    sim: torch.Tensor
+    subset: torch.Tensor | None = None
+    depth: int | None = None
+
+
+Rows = dict[str, Row]
 
 
 def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rerank_ks: Sequence[int] | None = None,
                fusion_weight: float | None = None, beyond_k: str | None = None,
                extra_fields: Sequence[str] = (), token_dtype: TokenDtype = "float16") -> Rows:
-    """``{row: (the split it is scored on, similarity, subset similarity or None)}`` of one split."""
+    """Every :class:`Row` of one split; ``beyond_k``: a re-ranking composer's rule below its top K
+    (default: its own, see :class:`~cirlab.composers.RerankComposer`)."""
     feats = split_features(composer, split, batch_size=batch_size, extra_fields=extra_fields, token_dtype=token_dtype)
     sim = similarity(composer, split, feats, batch_size=batch_size)
     if isinstance(composer, RerankComposer):
-        reranked = rerank_rows(composer, split, feats, sim, rerank_ks or [composer.k], fusion_weight, beyond_k)
-        return {"stage1": (split, sim, None), **{row: (split, *v) for row, v in reranked.items()}}
-    rows: Rows = {composer.name: (split, sim, None)}
+        reranked = rerank_rows(composer, split, feats, sim, rerank_ks or [composer.k], fusion_weight)
+        official = (beyond_k or composer.beyond_k) == "official"
+        return {"stage1": Row(split, sim), **{row: Row(split, s, subset, k if official else None)
+                                             for row, (s, subset, k) in reranked.items()}}
+    rows: Rows = {composer.name: Row(split, sim)}
     if composer.bidirectional and split.dataset == "shapes" and split.has_targets:
         back = reversed_split(split)
         back_feats = split_features(composer, back, batch_size=batch_size, extra_fields=extra_fields,
                                     token_dtype=token_dtype)
-        rows["backward"] = (back, similarity(composer, back, back_feats, forward=False, batch_size=batch_size), None)
+        rows["backward"] = Row(back, similarity(composer, back, back_feats, forward=False, batch_size=batch_size))
         # the level to beat: the target image alone, no text (shapes scenes are one edit apart)
         image_only = ZeroShotComposer(composer.backbone, composer.recipe, mode="image")
         if (image_only.reference_field, image_only.gallery_field) != (composer.reference_field, composer.gallery_field):
             back_feats = split_features(image_only, back, batch_size=batch_size, extra_fields=extra_fields,
                                         token_dtype=token_dtype)
-        rows["backward image-only"] = (back, similarity(image_only, back, back_feats, batch_size=batch_size), None)
+        rows["backward image-only"] = Row(back, similarity(image_only, back, back_feats, batch_size=batch_size))
     return rows
 
 
@@ -291,22 +300,23 @@ def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_s
                           beyond_k=beyond_k, extra_fields=extra_fields, token_dtype=token_dtype)
         first = next(iter(rows))
         if topk_k is not None:
-            result.topk.append(candidates_of(split, rows[first][1], topk_k))
-        for row, (scored, sim, subset) in rows.items():
+            result.topk.append(candidates_of(split, rows[first].sim, topk_k))
+        for name, row in rows.items():
+            scored = row.split
             if scored is split:  # the backward diagnostic has no submission format
-                ranked, subset_ranked = rankings_from_similarity(scored, sim)
-                if subset is not None:
-                    subset_ranked = rankings_from_similarity(scored, subset)[1]
-                result.rankings.setdefault(row, []).append((ranked, subset_ranked))
+                ranked, subset_ranked = rankings_from_similarity(scored, row.sim)
+                if row.subset is not None:
+                    subset_ranked = rankings_from_similarity(scored, row.subset)[1]
+                result.rankings.setdefault(name, []).append((ranked, subset_ranked))
             if not scored.has_targets:
                 continue
-            metrics = evaluate_similarity(scored, sim, subset)
-            if topk_depths and row == first:
-                depths = recall_at_depths(scored, sim, topk_depths)
+            metrics = evaluate_similarity(scored, row.sim, row.subset, depth=row.depth)
+            if topk_depths and name == first:
+                depths = recall_at_depths(scored, row.sim, topk_depths)
                 if protocol_for(scored).per_category:
                     depths = {f"{category_of(scored)}/{k}": v for k, v in depths.items()}
                 metrics.update(depths)
-            per_split.setdefault(row, []).append(metrics)
+            per_split.setdefault(name, []).append(metrics)
     for row, results in per_split.items():
         result.metrics[row] = combine_splits(splits, results)
     return result

@@ -158,11 +158,14 @@ def _named(split: CIRSplit, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{category}/{name}": v for name, v in metrics.items()}
 
 
-def evaluate_similarity(split: CIRSplit, sim: Tensor, subset_sim: Tensor | None = None) -> dict[str, float]:
+def evaluate_similarity(split: CIRSplit, sim: Tensor, subset_sim: Tensor | None = None,
+                        depth: int | None = None) -> dict[str, float]:
     """Score a ``[queries, gallery]`` similarity matrix (rows/columns in split order).
 
     ``subset_sim`` ranks the member sets (Rs@K) instead of ``sim`` where they differ, e.g. a
-    re-ranker that scores every member directly but only the top K of the whole gallery."""
+    re-ranker that scores every member directly but only the top K of the whole gallery.
+    ``depth``: only the first ``depth`` ranked items count (a hit below them never does), as the
+    official re-ranking evaluation computes every metric inside its top K."""
     expected = (len(split.queries), len(split.gallery))
     for name, m in (("similarity", sim), ("subset similarity", subset_sim)):
         if m is not None and tuple(m.shape) != expected:
@@ -170,6 +173,8 @@ def evaluate_similarity(split: CIRSplit, sim: Tensor, subset_sim: Tensor | None 
                              "(queries x gallery)")
     index = index_split(split)
     ranking = rank_gallery(sim, protocol_for(split).depth, index.exclude)
+    if depth is not None:
+        ranking[:, depth:] = -1
     subset_sim = sim if subset_sim is None else subset_sim
     subset = rank_subset(subset_sim, index.members, index.exclude) if index.members is not None else None
     return _score(split, index, ranking, subset)
