@@ -145,8 +145,13 @@ def run_one(config: str, dataset: str, command: str, extra: list[str], roots: di
     name = config.removesuffix(".yaml")
     run_dir = work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    fill = {"blip": str(folders["blip"]), "clip": str(folders["clip"]), "work": str(work)}
-    sets = [s.format(**fill, **{f"run:{k}": str(work / "runs" / k / "model") for k in done_runs(work)}) for s in extra]
+    fill = {"{blip}": str(folders["blip"]), "{clip}": str(folders["clip"]), "{work}": str(work),
+            **{f"{{run:{k}}}": str(work / "runs" / k / "model") for k in done_runs(work)}}
+    sets = []
+    for s in extra:
+        for key, value in fill.items():
+            s = s.replace(key, value)
+        sets.append(s)
     backbone = [f"model.backbone={folders['clip' if 'clip' in config or 'projection/' in config else 'blip']}"]
     overrides = [f"data.root={roots[dataset]}", *backbone, *sets]
     argv = [command, "--config", str(REPO / "configs" / config), "--run-dir", str(run_dir)]
@@ -170,7 +175,7 @@ def run_one(config: str, dataset: str, command: str, extra: list[str], roots: di
 
 def done_runs(work: Path) -> list[str]:
     base = work / "runs"
-    return [str(p.parent.relative_to(base)) for p in base.rglob("model/composer.json")] if base.is_dir() else []
+    return [str(p.parent.parent.relative_to(base)) for p in base.rglob("model/composer.json")] if base.is_dir() else []
 
 
 def main(argv: list[str] | None = None) -> int:

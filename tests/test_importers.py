@@ -268,3 +268,52 @@ def test_a_backbone_folder_indexes_and_serves_with_no_training(tiny_pretrained_b
     first = sorted(p.relative_to(images).with_suffix("").as_posix() for p in images.rglob("*.png"))[0]
     hits, = searcher.search([Query("add a red circle", id=first)], k=5)
     assert len(hits) == 5 and first not in {h.id for h in hits}
+
+
+def _imported(kind: str, tmp: Path, blip_file, stage1_file, clip_dir) -> Path:
+    """An imported folder of ``kind``, from random checkpoints of its layout."""
+    out = tmp / kind
+    if kind == "blip":
+        run("blip", blip_file[0], "--out", out)
+    elif kind == "bi-blip4cir":
+        random_checkpoint("bi-blip4cir-stage1", tmp / "s1.pt", seed=2)
+        random_checkpoint("bi-blip4cir-combiner", tmp / "c.pt", seed=4)
+        run("bi-blip4cir", tmp / "s1.pt", "--blip", blip_file[0], "--combiner", tmp / "c.pt", "--out", out)
+    elif kind in ("rerank-stage1", "rerank-stage2"):
+        run("rerank-stage1", stage1_file[0], "--out", out)
+        if kind == "rerank-stage2":
+            random_checkpoint("rerank-stage2", tmp / "s2.pt", seed=5)
+            run("rerank-stage2", tmp / "s2.pt", "--stage1", stage1_file[0], "--k", 5, "--out", out)
+    elif kind == "spn-blip4cir":
+        random_checkpoint("spn-blip4cir", tmp / "best.pt", seed=6)
+        run("spn-blip4cir", tmp / "best.pt", "--out", out)
+    elif kind == "rtd":
+        random_checkpoint("lincir", tmp / "phi.pt", seed=8)
+        random_checkpoint("rtd", tmp / "te.pt", seed=9)
+        run("rtd", tmp / "te.pt", "--phi", tmp / "phi.pt", "--clip", clip_dir, "--out", out)
+    else:
+        random_checkpoint(kind, tmp / "phi.pt", seed=7)
+        run(kind, tmp / "phi.pt", "--clip", clip_dir, "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["blip", "bi-blip4cir", "rerank-stage1", "rerank-stage2", "spn-blip4cir", "pic2word",
+                                  "searle", "lincir", "rtd"])
+def test_every_imported_kind_evaluates_indexes_and_is_served(kind, blip_file, stage1_file, clip_dir, tiny_shapes,
+                                                             tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cirlab.config import ServeConfig
+    from cirlab.serving.app import create_app
+
+    folder = _imported(kind, tmp_path, blip_file, stage1_file, clip_dir)
+    assert main(["eval", "--model", str(folder), "--dataset", "shapes", "--root", str(tiny_shapes),
+                 "--run-dir", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert all({"R@1", "Rs@1"} <= set(row) for row in metrics.values()), metrics
+    images = tiny_shapes / "images" / "test"
+    assert main(["index", "build", "--model", str(folder), "--images", str(images), "--out", str(tmp_path / "index")]) == 0
+    first = sorted(p.relative_to(images).with_suffix("").as_posix() for p in images.rglob("*.png"))[0]
+    with TestClient(create_app(Searcher.open(tmp_path / "index"), ServeConfig())) as client:
+        r = client.post("/search", data={"id": first, "text": "add a red circle", "k": 3})
+        assert r.status_code == 200 and len(r.json()["results"]) == 3, r.text

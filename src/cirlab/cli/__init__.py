@@ -23,7 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only a pass-through command (``cirlab import``, parsed in full by its handler) takes them
+        if not hasattr(args, "argv"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.argv = extra + args.argv
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
