@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import shutil
 import subprocess
@@ -62,6 +63,8 @@ PLAN = [
     ("projection/cirr_rtd.yaml", "cirr", "train", ["model.backbone={run:projection/cirr_lincir}",
                                                   "method.triplets={work}/triplets.json", "trainer.eval_every_steps=2"]),
 ]
+
+NEEDED = {k for *_, extra in PLAN for o in extra for k in re.findall(r"\{run:([^}]+)\}", o)}
 
 
 def placeholder(path: Path, rng: np.random.Generator) -> None:
@@ -170,6 +173,12 @@ def run_one(config: str, dataset: str, command: str, extra: list[str], roots: di
         row["s_per_step"] = round(float(np.median(steps)), 2) if steps else None
     if proc.returncode != 0:
         row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+    # each run's checkpoints and, unless a later config builds on it, its model: real-size runs
+    # take 1 to 5 GB each
+    for checkpoint in run_dir.glob("*.pt"):
+        checkpoint.unlink()
+    if name not in NEEDED:
+        shutil.rmtree(run_dir / "model", ignore_errors=True)
     return row
 
 
@@ -191,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     roots = {"cirr": cirr_tree(args.data, args.work, args.queries, rng),
              "fashioniq": fashioniq_tree(args.data, args.work, args.queries, rng),
              "circo": circo_tree(args.work, args.queries, rng)}
-    (args.work / "captions.txt").write_text("a dog on a sofa\na red car parked by a tree\ntwo cups on a table\n" * 4)
+    objects = ("dog", "car", "cup", "chair", "bird", "lamp")
+    captions = [f"a {colour} {thing} on a table" for colour in ("red", "blue", "green") for thing in objects]
+    (args.work / "captions.txt").write_text("\n".join(captions) + "\n")
     triplet = {"reference_caption": "a dog on a sofa", "conditioning_caption": "make it a cat",
                "target_caption": "a cat on a sofa"}
     (args.work / "triplets.json").write_text(json.dumps([triplet] * 16))
