@@ -83,6 +83,9 @@ def test_a_folder_whose_backbone_was_swapped_or_whose_head_belongs_elsewhere_is_
     save_backbone(other, folder / "backbone")
     with pytest.raises(ValueError, match="not the one this model was saved with"):
         cirlab.load(folder)
+    plain = cirlab.load(folder / "backbone")  # a backbone folder alone: its zero-shot model
+    assert plain.kind == "zeroshot" and plain.mode == "sum"
+    (folder / "backbone" / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no composer.json"):
         cirlab.load(folder / "backbone")
 
