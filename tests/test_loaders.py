@@ -257,7 +257,7 @@ def test_unknown_names(cirr_root):
         load_split("coco", cirr_root, "val")
     with pytest.raises(ValueError, match="unknown CIRR split 'dev'"):
         load_split("cirr", cirr_root, "dev")
-    with pytest.raises(ValueError, match="only applies to FashionIQ"):
+    with pytest.raises(ValueError, match="does not apply to .cirr., which has no categories"):
         load_split("cirr", cirr_root, "val", category="dress")
 
 

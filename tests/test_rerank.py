@@ -13,7 +13,7 @@ from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.base import CIRSplit, Query
 from cirlab.data.registry import load_split
 from cirlab.evaluation.evaluate import _subset_members, reranked_similarity, similarity, split_features
-from cirlab.evaluation.protocols import PROTOCOLS
+from cirlab.data.registry import benchmark
 from cirlab.methods import rerank
 from cirlab.methods.common import RowTable
 from cirlab.models import load_backbone
@@ -131,7 +131,7 @@ def test_filter_then_reranker_on_tiny_shapes(tiny_shapes, tiny_pretrained_blip, 
     assert set(rows) == {"stage1", "rerank@5", "rerank@10", "rerank@5+fusion", "rerank@10+fusion"}
     for k in (5, 10):
         for row in (f"rerank@{k}", f"rerank@{k}+fusion"):
-            for depth in (d for d in PROTOCOLS["shapes"].recall_ks if d >= k):
+            for depth in (d for d in benchmark("shapes").protocol.recall_ks if d >= k):
                 assert rows[row][f"R@{depth}"] == pytest.approx(rows["stage1"][f"R@{depth}"], abs=1e-9), (row, depth)
 
 

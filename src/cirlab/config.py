@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cirlab.registry import BENCHMARKS, STAGES
+
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -33,9 +35,10 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     """Which dataset, where, and how its images are preprocessed."""
 
-    dataset: Literal["shapes", "cirr", "fashioniq", "circo"] = "shapes"
+    dataset: str = Field("shapes", description="a registered benchmark (cirlab.data: shapes, cirr, fashioniq, circo)")
     root: str = "runs/demo/shapes"
-    categories: list[Literal["dress", "shirt", "toptee"]] = ["dress", "shirt", "toptee"]
+    categories: list[str] = Field(["dress", "shirt", "toptee"], description="the categories evaluated, for a "
+                                  "benchmark that has them (FashionIQ); ignored by the others")
     train_split: str = "train"
     val_split: str = "val"
     transform: Literal["targetpad", "squarepad", "resize"] = "targetpad"
@@ -47,6 +50,17 @@ class DataConfig(Strict):
                                   "(a fixed draw, the same for every seed and method: data-limited experiments)")
     extensions: list[str] = Field([], description="extension caption files whose triplets are added to the "
                                   "training split (SPN's generated positives; FashionIQ: {category} in the path)")
+
+    @model_validator(mode="after")
+    def _known_benchmark(self) -> "DataConfig":
+        bench = BENCHMARKS.get(self.dataset)
+        if bench is None:
+            raise ValueError(f"dataset: must be one of {sorted(BENCHMARKS.keys())}, got {self.dataset!r}")
+        unknown = [c for c in self.categories if bench.categories and c not in bench.categories]
+        if unknown:
+            raise ValueError(f"categories: {unknown} are not categories of {self.dataset} "
+                             f"(one of {list(bench.categories)})")
+        return self
 
 
 class OptimConfig(Strict):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cirlab.config import dataset_defaults, load_config
 
-DATASETS = ["shapes", "cirr", "fashioniq", "circo"]
+DATASET_HELP = "a registered benchmark: shapes, cirr, fashioniq, circo, or a plugin's (CIRLAB_PLUGINS)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,10 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--config", type=Path, help="a zero-shot or pretraining config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="--config only: override a config field")
-    p.add_argument("--dataset", choices=DATASETS, help="--model: the benchmark (default shapes)")
+    p.add_argument("--dataset", help="--model: " + DATASET_HELP + " (default shapes)")
     p.add_argument("--root", type=Path, help="--model: the dataset root (default runs/demo/shapes)")
     p.add_argument("--split", help="the split to evaluate (default: --model test; --config evaluation.split)")
-    p.add_argument("--categories", nargs="+", choices=["dress", "shirt", "toptee"], help="FashionIQ categories")
+    p.add_argument("--categories", nargs="+", help="a benchmark with categories: these only (FashionIQ: dress, shirt, toptee)")
     p.add_argument("--batch-size", type=int, help="queries per batch (default 64; --config: evaluation.batch_size)")
     p.add_argument("--rerank-k", type=int, nargs="+", help="re-ranking models: rows rerank@K for these K")
     p.add_argument("--fusion", type=float, help="re-ranking models: also rows re-ranker + W x stage-I cosine")
@@ -108,8 +108,10 @@ def _evaluate_config(args: argparse.Namespace) -> int:
     if args.dataset or args.root:
         raise ValueError("--config takes the dataset from data.dataset / data.root (use --set)")
     split_name = args.split or cfg.evaluation.split
-    categories = cfg.data.categories if cfg.data.dataset == "fashioniq" else None
-    splits = _splits(cfg.data.dataset, cfg.data.root, split_name, args.categories or categories, args.decode)
+    from cirlab.data.registry import benchmark
+
+    categories = args.categories or benchmark(cfg.data.dataset).category_filter(cfg.data.categories)
+    splits = _splits(cfg.data.dataset, cfg.data.root, split_name, categories, args.decode)
     method = method_module(cfg.method.name, str(args.config))
     meta = {"config": cfg.model_dump(mode="json"), "split": split_name}
     if cfg.method.name == "pretrain":
@@ -131,7 +133,7 @@ def _splits(dataset: str, root: Path | str, split: str, categories: list[str] | 
     from cirlab.data.registry import load_splits
 
     kept = []
-    for s in load_splits(dataset, root, split, categories=categories if dataset == "fashioniq" else None):
+    for s in load_splits(dataset, root, split, categories=categories):
         s, dropped = drop_missing(s, decode=decode)
         if dropped.images:
             print(dropped)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-DATASETS = ["shapes", "cirr", "fashioniq", "circo"]
+DATASET_HELP = "a registered benchmark: shapes, cirr, fashioniq, circo, or a plugin's (CIRLAB_PLUGINS)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model", required=True, type=Path, help="an exported model folder (<run>/model)")
     source = b.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="a folder of images (ids: paths relative to it, no suffix)")
-    source.add_argument("--dataset", choices=DATASETS, help="a benchmark split's gallery (with --root, --split)")
+    source.add_argument("--dataset", help="a benchmark split's gallery (with --root, --split): " + DATASET_HELP)
     b.add_argument("--root", type=Path, help="--dataset: the dataset root")
     b.add_argument("--split", default="test", help="--dataset: the split (default test)")
     b.add_argument("--out", required=True, type=Path, help="the index folder (written atomically)")

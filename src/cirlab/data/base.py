@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from cirlab.registry import BENCHMARKS
 from cirlab.utils.io import read_json
 
 
@@ -125,3 +126,65 @@ class PathTable:
     def __call__(self, image_id: str) -> list[Path]:
         rel = self.relpaths.get(image_id)
         return [] if rel is None else [self.base / rel]
+
+
+# --- benchmarks ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a benchmark's evaluation reports (scored by :mod:`cirlab.evaluation.protocols`)."""
+
+    recall_ks: tuple[int, ...]
+    subset_ks: tuple[int, ...] = ()  # Recall_subset@K over img_set.members (when present)
+    map_ks: tuple[int, ...] = ()
+    recall_on_target: bool = False  # CIRCO: Recall@K counts target_img_id only
+    per_category: bool = False  # FashionIQ: metric names carry the category
+
+    @property
+    def depth(self) -> int:
+        """How many ranked items the metrics look at (and a predictions file must hold)."""
+        return max(self.recall_ks + self.map_ks)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: how its splits load, how it is scored, how predictions are submitted.
+
+    ``load(root, split, category)``: one split (``category`` is None unless ``categories`` lists
+    some: FashionIQ evaluates each category as its own split); ``read_extension(path, split)``:
+    the file (after any per-split substitution) and the generated training triplets it holds, in
+    the benchmark's caption format (SPN), None where it has no training split;
+    ``generated_record(pairid=, reference=, target=, texts=, captioned=, target_copies=)``: one
+    generated triplet as a record of that format (what ``spn generate`` writes); ``submission``:
+    the predictions-file format (a writer of :mod:`cirlab.evaluation.submission`);
+    ``backward_rows``: the generator stores both scene captions, so bidirectional models also get
+    backward-retrieval rows (shapes)."""
+
+    name: str
+    load: Callable[[Path, str, str | None], CIRSplit]
+    protocol: Protocol
+    submission: str
+    categories: tuple[str, ...] = ()
+    read_extension: Callable[[Path, CIRSplit], tuple[Path, list[Query]]] | None = None
+    generated_record: Callable[..., dict[str, Any]] | None = None
+    backward_rows: bool = False
+
+    def category_filter(self, categories: Any) -> list[str] | None:
+        """``categories`` where the benchmark has categories (a config's ``data.categories``), else None."""
+        return list(categories) if self.categories and categories else None
+
+    def category_of(self, split: CIRSplit) -> str | None:
+        """The category a split holds (from its ``<category>-<index>`` query ids), None without categories."""
+        if not self.categories:
+            return None
+        names = {q.qid.rsplit("-", 1)[0] for q in split.queries}
+        if len(names) != 1:
+            raise ValueError(f"{split.name}: expected query ids '<category>-<index>' of one category, "
+                             f"found categories {sorted(names)[:5]}")
+        return names.pop()
+
+
+def register_benchmark(benchmark: Benchmark) -> Benchmark:
+    """Make ``benchmark`` known by its name (configs' ``data.dataset``, ``--dataset`` options)."""
+    return BENCHMARKS.add(benchmark.name, benchmark)

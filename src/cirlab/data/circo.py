@@ -20,14 +20,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from cirlab.data.base import (
+    Benchmark,
     CIRSplit,
     PathTable,
+    Protocol,
     Query,
     check_gallery,
     check_split_name,
     check_unique_qids,
     field,
     read_records,
+    register_benchmark,
 )
 from cirlab.utils.io import read_json
 
@@ -82,3 +85,8 @@ def _gallery(path: Path) -> dict[str, str]:
             raise ValueError(f"{path}: images[{i}] is not an object")
         relpaths[str(field(image, "id", path, i, (int, str)))] = field(image, "file_name", path, i, str)
     return relpaths
+
+
+register_benchmark(Benchmark(
+    "circo", lambda root, split, category: load_circo(root, split),
+    Protocol(recall_ks=(1, 5, 10, 50), map_ks=(5, 10, 25, 50), recall_on_target=True), submission="circo"))

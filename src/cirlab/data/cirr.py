@@ -27,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from cirlab.data.base import (
+    Benchmark,
     CIRSplit,
     PathTable,
+    Protocol,
     Query,
     check_gallery,
     check_split_name,
     check_unique_qids,
     field,
     read_records,
+    register_benchmark,
 )
 from cirlab.utils.io import read_json
 
@@ -143,3 +146,26 @@ def _query(r: dict[str, Any], path: Path, i: int, has_targets: bool, scene_posit
         subset=subset,
         extra=extra,
     )
+
+
+def _no_category(load):
+    def load_split(root: Path, split: str, category: str | None) -> CIRSplit:
+        return load(root, split)
+    return load_split
+
+
+def _generated_record(*, pairid: int, reference: str, target: str, texts: list[str], captioned: dict,
+                      target_copies: list[str]) -> dict:
+    """A generated triplet in CIRR's caption format (every copy of the target a soft positive)."""
+    return {"pairid": pairid, "reference": reference, "target_hard": target,
+            "target_soft": {c: 1.0 for c in target_copies}, "caption": texts[0], "captions": texts,
+            "img_set": {"id": -1, "members": []}, "generated": True, "captioned": captioned}
+
+
+CIRR_PROTOCOL = Protocol(recall_ks=(1, 5, 10, 50), subset_ks=(1, 2, 3))
+register_benchmark(Benchmark("cirr", _no_category(load_cirr), CIRR_PROTOCOL, submission="cirr",
+                             read_extension=lambda path, split: (path, read_extension(path, "cirr")),
+                             generated_record=_generated_record))
+register_benchmark(Benchmark("shapes", _no_category(load_shapes), CIRR_PROTOCOL, submission="cirr",
+                             read_extension=lambda path, split: (path, read_extension(path, "shapes")),
+                             generated_record=_generated_record, backward_rows=True))

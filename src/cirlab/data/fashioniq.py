@@ -18,7 +18,8 @@ import random
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cirlab.data.base import CIRSplit, Query, check_gallery, check_split_name, field, read_records
+from cirlab.data.base import (Benchmark, CIRSplit, Protocol, Query, check_gallery, check_split_name, field, read_records,
+                              register_benchmark)
 from cirlab.utils.io import read_json
 
 CATEGORIES = ("dress", "shirt", "toptee")
@@ -175,3 +176,26 @@ def fiq_val_texts(captions: Sequence[str], rule: str = "one") -> tuple[str, ...]
         return VAL_RULES[rule](captions)
     except KeyError:
         raise ValueError(f"unknown FashionIQ caption rule {rule!r}; known: {', '.join(VAL_RULES)}") from None
+
+
+def _load(root: Path, split: str, category: str | None) -> CIRSplit:
+    if category is None:
+        raise ValueError(f"FashionIQ needs a category, one of {list(CATEGORIES)}")
+    return load_fashioniq(root, split, category)
+
+
+def _extension(path: Path, split: CIRSplit) -> tuple[Path, list[Query]]:
+    """``{category}`` in ``path`` is replaced by the split's category."""
+    category = split.name.split("/")[1]  # fashioniq/<category>/<split>...
+    path = Path(str(path).replace("{category}", category))
+    return path, read_extension(path, category)
+
+
+def _generated_record(*, reference: str, target: str, texts: list[str], captioned: dict, **_: object) -> dict:
+    """A generated triplet in the caption file's format (``generated``: any number of captions)."""
+    return {"candidate": reference, "target": target, "captions": texts, "generated": True, "captioned": captioned}
+
+
+register_benchmark(Benchmark(
+    "fashioniq", _load, Protocol(recall_ks=(10, 50), per_category=True), submission="fashioniq",
+    categories=CATEGORIES, read_extension=_extension, generated_record=_generated_record))

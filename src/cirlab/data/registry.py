@@ -1,65 +1,59 @@
-"""Dataset names -> loaders.
+"""Benchmarks by name: their splits, categories and training-split extensions.
 
 Every loader turns a benchmark's own file layout (as published: FashionIQ, CIRR rc2 in
-Cuberick-Orion/CIRR, CIRCO in miccunifi/CIRCO) into :class:`CIRSplit` records; errors name
-the file, the record and the field, because a half-downloaded or hand-edited annotation file
-is the usual way these loaders fail.
+Cuberick-Orion/CIRR, CIRCO in miccunifi/CIRCO) into :class:`CIRSplit` records and registers its
+:class:`~cirlab.data.base.Benchmark` (``register_benchmark``); errors name the file, the record and
+the field, because a half-downloaded or hand-edited annotation file is the usual way these loaders fail.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
-from cirlab.data import circo, cirr, fashioniq
-from cirlab.data.base import CIRSplit
+from cirlab.data.base import BENCHMARKS, Benchmark, CIRSplit
 
-DATASETS = ("fashioniq", "cirr", "circo", "shapes")
+
+def benchmark(dataset: str) -> Benchmark:
+    """The registered benchmark ``dataset``; an unknown name is an error listing the known ones."""
+    found = BENCHMARKS.get(dataset)
+    if found is None:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {benchmark_names()}")
+    return found
+
+
+def benchmark_names() -> list[str]:
+    return sorted(BENCHMARKS.keys())
 
 
 def load_split(dataset: str, root: str | Path, split: str, *, category: str | None = None) -> CIRSplit:
-    """One split of ``dataset`` under ``root``; FashionIQ also needs its ``category``."""
-    root = Path(root)
-    if dataset == "fashioniq":
-        if category is None:
-            raise ValueError(f"FashionIQ needs a category, one of {list(fashioniq.CATEGORIES)}")
-        return fashioniq.load_fashioniq(root, split, category)
-    if category is not None:
-        raise ValueError(f"category={category!r} only applies to FashionIQ, not {dataset!r}")
-    if dataset == "cirr":
-        return cirr.load_cirr(root, split)
-    if dataset == "shapes":
-        return cirr.load_shapes(root, split)
-    if dataset == "circo":
-        return circo.load_circo(root, split)
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS)}")
+    """One split of ``dataset`` under ``root``; a benchmark with categories (FashionIQ) also needs its ``category``."""
+    bench = benchmark(dataset)
+    if category is not None and not bench.categories:
+        raise ValueError(f"category={category!r} does not apply to {dataset!r}, which has no categories")
+    return bench.load(Path(root), split, category)
 
 
-def load_splits(
-    dataset: str, root: str | Path, split: str, categories: list[str] | None = None
-) -> list[CIRSplit]:
-    """FashionIQ: one split per category (all three when None), evaluated separately
-    (as CLIP4Cir's validation, ABaldrati/CLIP4Cir); every other dataset: a one-element list."""
-    if dataset != "fashioniq":
+def load_splits(dataset: str, root: str | Path, split: str, categories: Sequence[str] | None = None) -> list[CIRSplit]:
+    """One split per category (all when None), each evaluated separately (FashionIQ, as CLIP4Cir's
+    validation, ABaldrati/CLIP4Cir); a benchmark without categories: a one-element list."""
+    bench = benchmark(dataset)
+    if not bench.categories:
         if categories:
-            raise ValueError(f"categories only apply to FashionIQ, not {dataset!r}")
+            raise ValueError(f"categories do not apply to {dataset!r}, which has none")
         return [load_split(dataset, root, split)]
-    return [load_split(dataset, root, split, category=c) for c in (categories or fashioniq.CATEGORIES)]
+    return [load_split(dataset, root, split, category=c) for c in (categories or bench.categories)]
 
 
 def extend_split(split: CIRSplit, path: str | Path) -> CIRSplit:
     """``split`` plus the training triplets of an extension file in the dataset's own caption
-    format (SPN's generated positives). For FashionIQ, ``{category}`` in ``path`` is replaced by
-    the split's category. Every image the new triplets name must be one of the split's."""
-    if split.dataset == "fashioniq":
-        category = split.name.split("/")[1]
-        path = Path(str(path).replace("{category}", category))
-        added = fashioniq.read_extension(path, category)
-    elif split.dataset in ("cirr", "shapes"):
-        path = Path(path)
-        added = cirr.read_extension(path, split.dataset)
-    else:
+    format (SPN's generated positives); for FashionIQ ``{category}`` in ``path`` is replaced by the
+    split's category. Every image the new triplets name must be one of the split's."""
+    bench = benchmark(split.dataset)
+    if bench.read_extension is None:
         raise ValueError(f"{path}: {split.dataset} has no training split to extend")
+    path, added = bench.read_extension(Path(path), split)
     known = set(split.gallery)
     unknown = sorted({i for q in added for i in (q.reference, q.target) if i not in known})
     if unknown:

@@ -1,7 +1,6 @@
 """Metrics, each benchmark's evaluation protocol, and prediction files (submissions)."""
 
 from cirlab.evaluation.protocols import (
-    PROTOCOLS,
     chance_levels,
     combine_splits,
     evaluate_rankings,
@@ -16,7 +15,6 @@ from cirlab.evaluation.submission import (
 )
 
 __all__ = [
-    "PROTOCOLS",
     "chance_levels",
     "combine_splits",
     "evaluate_rankings",

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 
 from cirlab.composers import Composer, RerankComposer, ZeroShotComposer
 from cirlab.data.base import CIRSplit, Query
+from cirlab.data.registry import benchmark
 from cirlab.evaluation.protocols import (category_of, combine_splits, evaluate_similarity, index_split, protocol_for,
                                          recall_at_depths)
-from cirlab.evaluation.submission import (rankings_from_similarity, write_circo_submission,
-                                          write_cirr_submission, write_fashioniq_predictions)
+from cirlab.evaluation.submission import rankings_from_similarity, write_submission
 from cirlab.retrieval.encode import TokenDtype, image_features, split_image_ids
 from cirlab.retrieval.feature_cache import FeatureSet
 from cirlab.retrieval.similarity import dot_similarity
@@ -264,7 +264,7 @@ def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rer
         return {"stage1": Row(split, sim), **{row: Row(split, s, subset, k if official else None)
                                              for row, (s, subset, k) in reranked.items()}}
     rows: Rows = {composer.name: Row(split, sim)}
-    if composer.bidirectional and split.dataset == "shapes" and split.has_targets:
+    if composer.bidirectional and benchmark(split.dataset).backward_rows and split.has_targets:
         back = reversed_split(split)
         back_feats = split_features(composer, back, batch_size=batch_size, extra_fields=extra_fields,
                                     token_dtype=token_dtype)
@@ -325,15 +325,5 @@ def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_s
 def write_predictions(out: str | Path, name: str, evaluation: Evaluation, row: str) -> list[Path]:
     """Write one row's rankings in the benchmark's submission format (any split, val included):
     CIRR and shapes the two server files, CIRCO its file, FashionIQ one file for every category."""
-    out = Path(out)
-    splits, rankings = evaluation.splits, evaluation.rankings[row]
-    dataset = splits[0].dataset
     tag = f"{name}-{row}".replace("+", "_").replace("@", "at").replace("/", "_")
-    if dataset in ("cirr", "shapes"):
-        (ranked, subset), = rankings
-        return list(write_cirr_submission(out, tag, ranked, subset, split=splits[0]))
-    if dataset == "circo":
-        (ranked, _), = rankings
-        return [write_circo_submission(out / f"circo_submission_{tag}.json", ranked, split=splits[0])]
-    merged = {qid: ids for ranked, _ in rankings for qid, ids in ranked.items()}
-    return [write_fashioniq_predictions(out / f"fashioniq_predictions_{tag}.json", merged, splits=splits)]
+    return write_submission(out, tag, evaluation.splits, evaluation.rankings[row])

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from cirlab.data.base import CIRSplit
+from cirlab.data.base import CIRSplit, Protocol
+from cirlab.data.registry import benchmark
 from cirlab.evaluation.metrics import (
     average_precision_at_k,
     hits_from_ranking,
@@ -36,43 +37,16 @@ from cirlab.evaluation.metrics import (
 )
 
 
-@dataclass(frozen=True)
-class Protocol:
-    recall_ks: tuple[int, ...]
-    subset_ks: tuple[int, ...] = ()  # Recall_subset@K over img_set.members (when present)
-    map_ks: tuple[int, ...] = ()
-    recall_on_target: bool = False  # CIRCO: Recall@K counts target_img_id only
-    per_category: bool = False  # FashionIQ: metric names carry the category
-
-    @property
-    def depth(self) -> int:
-        """How many ranked items the metrics look at (and a predictions file must hold)."""
-        return max(self.recall_ks + self.map_ks)
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    "cirr": Protocol(recall_ks=(1, 5, 10, 50), subset_ks=(1, 2, 3)),
-    "shapes": Protocol(recall_ks=(1, 5, 10, 50), subset_ks=(1, 2, 3)),
-    "fashioniq": Protocol(recall_ks=(10, 50), per_category=True),
-    "circo": Protocol(recall_ks=(1, 5, 10, 50), map_ks=(5, 10, 25, 50), recall_on_target=True),
-}
-
-
 def protocol_for(split: CIRSplit) -> Protocol:
-    try:
-        return PROTOCOLS[split.dataset]
-    except KeyError:
-        raise ValueError(f"{split.name}: no evaluation protocol for dataset {split.dataset!r} "
-                         f"(known: {', '.join(PROTOCOLS)})") from None
+    return benchmark(split.dataset).protocol
 
 
 def category_of(split: CIRSplit) -> str:
-    """FashionIQ's category, from the ``<category>-<index>`` query ids."""
-    categories = {q.qid.rsplit("-", 1)[0] for q in split.queries}
-    if len(categories) != 1:
-        raise ValueError(f"{split.name}: expected query ids '<category>-<index>' of one category, "
-                         f"found categories {sorted(categories)[:5]}")
-    return categories.pop()
+    """The category of a split of a benchmark with categories (FashionIQ's, from its query ids)."""
+    category = benchmark(split.dataset).category_of(split)
+    if category is None:
+        raise ValueError(f"{split.name}: {split.dataset} has no categories")
+    return category
 
 
 @dataclass
@@ -272,13 +246,14 @@ def combine_splits(splits: Sequence[CIRSplit], results: Sequence[Mapping[str, fl
         raise ValueError("need one result per split")
     if not all(protocol_for(s).per_category for s in splits):
         if len(splits) != 1:
-            raise ValueError(f"only FashionIQ is evaluated as several splits, got {[s.name for s in splits]}")
+            raise ValueError(f"only a benchmark with categories is evaluated as several splits, "
+                             f"got {[s.name for s in splits]}")
         return dict(results[0])
     out: dict[str, float] = {}
     for r in results:
         out.update(r)
     categories = [category_of(s) for s in splits]
-    ks = PROTOCOLS["fashioniq"].recall_ks
+    ks = protocol_for(splits[0]).recall_ks
     for k in ks:
         out[f"avg/R@{k}"] = sum(out[f"{c}/R@{k}"] for c in categories) / len(categories)
     out["avg"] = sum(out[f"avg/R@{k}"] for k in ks) / len(ks)

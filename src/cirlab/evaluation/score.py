@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cirlab.data.base import CIRSplit
-from cirlab.data.fashioniq import CATEGORIES
+from cirlab.data.registry import benchmark
 from cirlab.evaluation.protocols import category_of, chance_levels, combine_splits, evaluate_rankings
 from cirlab.evaluation.submission import check_coverage, read_predictions
 
@@ -22,8 +22,9 @@ def _check_metric(meta: Mapping[str, str], expected: str, path: Path) -> None:
 def _read(path: Path, splits: Sequence[CIRSplit], metric: str) -> dict[str, list[str]]:
     meta, ranked = read_predictions(path)
     _check_metric(meta, metric, path)
-    if splits[0].dataset == "fashioniq":  # one file may hold categories not scored this time
-        others = tuple(f"{c}-" for c in set(CATEGORIES) - {category_of(s) for s in splits})
+    categories = benchmark(splits[0].dataset).categories
+    if categories:  # one file may hold categories not scored this time
+        others = tuple(f"{c}-" for c in set(categories) - {category_of(s) for s in splits})
         ranked = {k: v for k, v in ranked.items() if not k.startswith(others)} if others else ranked
     check_coverage(path, ranked, [q.qid for s in splits for q in s.queries])
     return ranked
@@ -34,7 +35,7 @@ def score_predictions(splits: Sequence[CIRSplit], predictions: str | os.PathLike
     """Metrics (percent) of one predictions file covering every query of ``splits``.
 
     Without ``subset_predictions`` the Rs@K metrics and Avg are left out. A FashionIQ file
-    may hold all three categories when fewer are scored.
+    (a benchmark with categories) may hold every category when fewer are scored.
     """
     predictions = Path(predictions)
     ranked = _read(predictions, splits, "recall")

@@ -28,6 +28,7 @@ from typing import Any
 from torch import Tensor
 
 from cirlab.data.base import CIRSplit
+from cirlab.data.registry import benchmark
 from cirlab.evaluation.metrics import rank_gallery, rank_subset
 from cirlab.evaluation.protocols import index_split, validate_rankings
 from cirlab.utils.io import atomic_write_text, read_json
@@ -168,3 +169,31 @@ def check_coverage(path: str | os.PathLike, ranked: Mapping[str, object], qids: 
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} keys are not query ids of this split "
                          f"(e.g. {', '.join(unknown[:5])})")
+
+
+def _cirr_files(out: Path, tag: str, splits: Sequence[CIRSplit], rankings: Sequence[tuple]) -> list[Path]:
+    (ranked, subset), = rankings
+    return list(write_cirr_submission(out, tag, ranked, subset, split=splits[0]))
+
+
+def _circo_file(out: Path, tag: str, splits: Sequence[CIRSplit], rankings: Sequence[tuple]) -> list[Path]:
+    (ranked, _), = rankings
+    return [write_circo_submission(out / f"circo_submission_{tag}.json", ranked, split=splits[0])]
+
+
+def _fashioniq_file(out: Path, tag: str, splits: Sequence[CIRSplit], rankings: Sequence[tuple]) -> list[Path]:
+    merged = {qid: ids for ranked, _ in rankings for qid, ids in ranked.items()}
+    return [write_fashioniq_predictions(out / f"fashioniq_predictions_{tag}.json", merged, splits=splits)]
+
+
+# a benchmark's ``submission`` format -> writer(out folder, file tag, splits, per-split (ranked, subset ranked))
+WRITERS = {"cirr": _cirr_files, "circo": _circo_file, "fashioniq": _fashioniq_file}
+
+
+def write_submission(out: str | os.PathLike, tag: str, splits: Sequence[CIRSplit],
+                     rankings: Sequence[tuple[Rankings, Rankings | None]]) -> list[Path]:
+    """The rankings of ``splits`` in their benchmark's submission format (its ``submission``)."""
+    fmt = benchmark(splits[0].dataset).submission
+    if fmt not in WRITERS:
+        raise ValueError(f"{splits[0].dataset}: unknown submission format {fmt!r} (known: {', '.join(WRITERS)})")
+    return WRITERS[fmt](Path(out), tag, splits, rankings)

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from cirlab.composers import Composer, QueryRecipe
 from cirlab.config import ExperimentConfig, validate
 from cirlab.data.base import CIRSplit
-from cirlab.data.registry import extend_split, load_splits
+from cirlab.data.registry import benchmark, extend_split, load_splits
 from cirlab.data.transforms import build_transform
 from cirlab.evaluation.protocols import category_of, chance_levels, combine_splits, protocol_for
 from cirlab.models import Backbone, load_backbone
@@ -52,7 +52,7 @@ def composer_stage(cfg: ExperimentConfig, model: nn.Module, train_data: Dataset,
     if eval_options.get("topk_depths"):
         prefixes = [f"{category_of(s)}/" for s in val_splits] if protocol_for(val_splits[0]).per_category else [""]
         names += [f"{p}R@{k}" for p in prefixes for k in eval_options["topk_depths"]]
-    if probe.bidirectional and cfg.data.dataset == "shapes":
+    if probe.bidirectional and benchmark(cfg.data.dataset).backward_rows:
         names += [f"backward/{n}" for n in names]
 
     def evaluate(m: nn.Module) -> dict[str, float]:
@@ -105,8 +105,8 @@ def stage_backbone(cfg: ExperimentConfig, what: str) -> Backbone:
 
 
 def method_splits(cfg: ExperimentConfig, split: str) -> list[CIRSplit]:
-    """The config's dataset split (FashionIQ: one per configured category)."""
-    categories = cfg.data.categories if cfg.data.dataset == "fashioniq" else None
+    """The config's dataset split (one per configured category where the benchmark has categories)."""
+    categories = benchmark(cfg.data.dataset).category_filter(cfg.data.categories)
     return load_splits(cfg.data.dataset, cfg.data.root, split, categories=categories)
 
 

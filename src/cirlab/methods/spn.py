@@ -42,6 +42,7 @@ from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.base import CIRSplit
 from cirlab.data.captioners import CaptionCache, CaptionerConfig, build_captioner, caption_images
 from cirlab.data.dedup import duplicate_map
+from cirlab.data.registry import benchmark
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, composer_stage, image_table, method_splits,
                                    stage_config, training_splits, triplet_ids, with_recipe_images)
@@ -179,7 +180,7 @@ def generate(cfg: ExperimentConfig) -> list[Path]:
     originals = training_splits(plain)
     written = []
     for split, original in zip(method_splits(plain, cfg.data.train_split), originals):
-        category = split.name.split("/")[1] if split.dataset == "fashioniq" else None
+        category = benchmark(split.dataset).category_of(split)
         out = Path(gcfg.out.replace("{category}", category or ""))
         dup = duplicate_map(split, split.gallery)
         unique = list(dict.fromkeys(dup[i] for i in split.gallery))
@@ -217,13 +218,12 @@ def generate(cfg: ExperimentConfig) -> list[Path]:
 
 def _record(split: CIRSplit, pairid: int, ref: str, tgt: str, captions: dict[str, str],
             copies: dict[str, list[str]], templates: list[int]) -> dict:
-    texts = template_texts(captions[ref], captions[tgt], templates)
-    made = {"reference_caption": captions[ref], "target_caption": captions[tgt]}
-    if split.dataset == "fashioniq":
-        return {"candidate": ref, "target": tgt, "captions": texts, "generated": True, "captioned": made}
-    return {"pairid": pairid, "reference": ref, "target_hard": tgt,
-            "target_soft": {c: 1.0 for c in copies[tgt]}, "caption": texts[0], "captions": texts,
-            "img_set": {"id": -1, "members": []}, "generated": True, "captioned": made}
+    make = benchmark(split.dataset).generated_record
+    if make is None:
+        raise ValueError(f"spn generate: {split.dataset} has no training-split extension format")
+    return make(pairid=pairid, reference=ref, target=tgt, texts=template_texts(captions[ref], captions[tgt], templates),
+                captioned={"reference_caption": captions[ref], "target_caption": captions[tgt]},
+                target_copies=copies[tgt])
 
 
 # -- negatives: the bank stage -------------------------------------------------------------------------
