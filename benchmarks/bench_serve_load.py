@@ -21,8 +21,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serve_load import load_test  # benchmarks/serve_load.py, beside this script
+
 from cirlab.retrieval.index import load_index
-from cirlab.serving.load import load_test
 
 TEXTS = ["make it red", "add a small blue circle at the top-left", "get rid of the object",
          "change the square to a triangle", "make the big one small"]

@@ -38,7 +38,7 @@ def server(tiny_index):
     from cirlab.config import ServeConfig
     from cirlab.retrieval.search import Searcher
     from cirlab.serving.app import create_app
-    from cirlab.serving.server import serve_in_thread
+    from serving_helpers import serve_in_thread
 
     searcher = Searcher.open(tiny_index[1])
     with serve_in_thread(create_app(searcher, ServeConfig())) as base:

@@ -338,8 +338,7 @@ def test_a_reranking_model_reranks_the_index_top_k_as_evaluation_does(tiny_shape
 
 
 def test_a_bounded_load_test_over_loopback_gets_only_answers(searcher):
-    from cirlab.serving.load import load_test
-    from cirlab.serving.server import serve_in_thread
+    from serving_helpers import load_test, serve_in_thread
 
     forms = [{"id": i, "text": "make it red", "k": 10} for i in searcher.index.ids()[:8]]
     app = create_app(searcher, ServeConfig(batch_wait_ms=20))

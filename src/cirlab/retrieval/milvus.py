@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cirlab.retrieval.index import IDS, VectorIndex
+from cirlab.retrieval.vectors import IDS, VectorIndex
 from cirlab.utils.io import dump_json, read_json
 
 MAX_ID_LENGTH = 1024

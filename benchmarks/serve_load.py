@@ -1,5 +1,8 @@
 """A closed-loop load test on loopback: C clients, each sending its next query when the last is
-answered, bounded in requests and in time; throughput, latency percentiles and errors."""
+answered, bounded in requests and in time; throughput, latency percentiles and errors.
+
+Used by ``bench_serve_load.py`` (beside it: a script run from this folder imports it as
+``serve_load``) and by ``tests/test_serving.py`` (which loads it by its path)."""
 
 from __future__ import annotations
 

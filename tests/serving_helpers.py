@@ -1,12 +1,15 @@
-"""Running the app: uvicorn in a background thread on loopback (tests, the load benchmark)."""
+"""Test helpers for the service: the app served by uvicorn in a background thread on loopback
+(``tests/test_serving.py``, ``tests/test_browser.py``), and ``benchmarks/serve_load.py``'s load test."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import threading
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 
@@ -39,3 +42,15 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float 
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def _serve_load():
+    """``benchmarks/serve_load.py`` (the benchmarks folder is not a package: loaded by its path)."""
+    spec = importlib.util.spec_from_file_location("serve_load", SERVE_LOAD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SERVE_LOAD = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+load_test = _serve_load().load_test
