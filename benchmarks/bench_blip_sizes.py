@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from cirlab.methods import build_stage
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.torch_data import make_loader
-from cirlab.methods import pretrain
 
 CONV = "vision_hidden: 256, stage_channels: [16, 32, 64, 128]"
 # name -> the ``--set`` overrides of configs/pretrain/shapes_blip.yaml (text layers from MiniLM unless "random")
@@ -47,7 +47,7 @@ def main() -> None:
         if args.only and not any(o in name for o in args.only):
             continue
         torch.manual_seed(0)
-        stage = pretrain.build(load_config(CONFIG_ROOT / "pretrain" / "shapes_blip.yaml",
+        stage = build_stage(load_config(CONFIG_ROOT / "pretrain" / "shapes_blip.yaml",
                                            [f"data.root={args.root}", *sets]))
         model = stage.model.train()
         batch = next(iter(make_loader(stage.train_data, 128, shuffle=True)))

@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from cirlab.methods import build_stage
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.torch_data import make_loader
-from cirlab.methods import pretrain
 from cirlab.training.engine import cpu_has_native_bf16
 
 CONFIGS = {"small BLIP": CONFIG_ROOT / "pretrain" / "shapes_blip.yaml",
@@ -30,7 +30,7 @@ CONFIGS = {"small BLIP": CONFIG_ROOT / "pretrain" / "shapes_blip.yaml",
 def step_seconds(path, root: str, bf16: bool, repeats: int, batch_size: int) -> float:
     torch.manual_seed(0)
     cfg = load_config(path, [f"data.root={root}"])
-    stage = pretrain.build(cfg)
+    stage = build_stage(cfg)
     model, data = stage.model.train(), stage.train_data
     batch = next(iter(make_loader(data, batch_size, shuffle=True)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

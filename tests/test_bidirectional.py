@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import cirlab
+from cirlab.methods import build_stage
 from cirlab.cli import main
 from cirlab.composers import BACKWARD, FORWARD, CombinerComposer, QueryRecipe, SumComposer, with_direction
 from cirlab.config import CONFIG_ROOT, load_config
@@ -75,7 +76,7 @@ def test_both_stages_lower_the_loss_and_raise_recall(tiny_shapes, tiny_pretraine
             "trainer.optimizer.lr=1e-3", "method.reverse_weight=0.4", "method.text_proj_lr_scale=1"]
     cfg = load_config(CONFIG_ROOT / "bidirectional" / "shapes_text.yaml", text)
     seed_everything(cfg.seed)  # as cirlab train: the direction tokens' initial rows
-    stage = bi.build(cfg)
+    stage = build_stage(cfg)
     before = stage.evaluate(stage.model.eval())
     assert set(stage.metric_names) <= set(before) and "backward/R@5" in stage.metric_names
     losses, evals = _train("shapes_text.yaml", text, tmp_path / "text")

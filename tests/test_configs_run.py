@@ -9,14 +9,36 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 from cirlab.cli import main
-from cirlab.config import CONFIG_ROOT, load_config
+from cirlab.config import CONFIG_ROOT, load_config, stage_key
 from cirlab.models import build_small_clip, save_backbone
 
-EXPERIMENTS = sorted(p for group in ("bidirectional", "rerank", "eval", "pretrain", "projection", "spn")
-                     for p in (CONFIG_ROOT / group).glob("*.yaml"))
+def _experiments() -> list:
+    """Every shipped experiment config: each YAML under configs/ with a method section (the group
+    files hold none), wherever it sits, so a new method's configs are found without a list."""
+    found = []
+    for path in sorted(CONFIG_ROOT.rglob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw, dict) and isinstance(raw.get("method"), dict):
+            found.append(path)
+    return found
+
+
+EXPERIMENTS = _experiments()
 TINY_SMALL = "{embed_dim: 16, text_hidden: 32, text_layers: 1, text_heads: 2, vision_hidden: 16, stage_channels: [8, 8, 8, 8]}"
+
+
+def test_every_registered_stage_has_a_shipped_config():
+    """A stage of cirlab.methods with no shipped config would go untested here: name it."""
+    from cirlab.registry import STAGES
+
+    builtin = {key for key, spec in STAGES.items()
+               if (spec.build or spec.composers or spec.run).__module__.startswith("cirlab.methods.")}
+    covered = {stage_key(load_config(p).method) for p in EXPERIMENTS}
+    assert builtin - covered == set()
+    assert len(EXPERIMENTS) >= len(builtin)
 
 
 def _link_images(src, dst):
@@ -87,7 +109,7 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
     backbone = tiny_clip if cfg.model.kind == "clip" else tiny_pretrained_blip
     if method.name == "spn":
         backbone = _spn_base(config, tiny_pretrained_blip, tiny_clip, tmp_path / "base")
-    if getattr(method, "stage", None) == "generate":  # `cirlab spn generate`, then the file loads as training data
+    if getattr(method, "stage", None) == "generate":  # `cirlab train` runs the generate stage; the file loads as training data
         from cirlab.data.registry import extend_split, load_splits
 
         out = tmp_path / "gen" / ("cap.{category}.extend.json" if dataset == "fashioniq" else "extend.json")
@@ -95,7 +117,7 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
                 "method.window=[1,20]", f"method.captioner.url=http://127.0.0.1:{stub_chat.server_address[1]}/v1"]
         if dataset == "fashioniq":
             sets.append("data.categories=[dress,shirt]")
-        assert main(["spn", "generate", "--config", str(config), *(x for s in sets for x in ("--set", s))]) == 0
+        assert main(["train", "--config", str(config), *(x for s in sets for x in ("--set", s))]) == 0
         categories = ["dress", "shirt"] if dataset == "fashioniq" else None
         for split in load_splits(dataset, roots[dataset], "train", categories=categories):
             extended = extend_split(split, out)

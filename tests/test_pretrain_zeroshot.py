@@ -4,6 +4,7 @@ score image-only retrieval as its symmetry demands."""
 import pytest
 import torch
 
+from cirlab.methods import build_stage
 from cirlab.composers import MODES, QueryRecipe, ZeroShotComposer
 from cirlab.data.registry import load_split
 from cirlab.data.shapes import synthesize
@@ -107,6 +108,6 @@ def test_pretraining_selects_its_checkpoint_on_val_not_test(shapes_root, monkeyp
                        "model.small={embed_dim: 16, text_hidden: 32, text_layers: 1, text_heads: 2, vision_hidden: 16, "
                        "stage_channels: [8, 8, 8, 8]}"])
     assert cfg.evaluation.split == "test"  # what `cirlab eval` reports
-    stage = pretrain.build(cfg)
+    stage = build_stage(cfg)
     stage.evaluate(stage.model)
     assert seen == ["val"]

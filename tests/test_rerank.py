@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import cirlab
+from cirlab.methods import build_stage
 from cirlab.cli import main
 from cirlab.composers import GroundedComposer, QueryRecipe, RerankComposer
 from cirlab.config import CONFIG_ROOT, load_config
@@ -80,7 +81,7 @@ def test_filter_then_reranker_on_tiny_shapes(tiny_shapes, tiny_pretrained_blip, 
     # stage I: loss falls and recall rises over the pretrained grounded encoder
     cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_filter.yaml",
                       [*common, f"model.backbone={tiny_pretrained_blip}"])
-    stage = rerank.build(cfg)
+    stage = build_stage(cfg)
     before = stage.evaluate(stage.model.eval())
     losses, evals = _train("shapes_filter.yaml", [*common, f"model.backbone={tiny_pretrained_blip}",
                                                   "trainer.epochs=20", "trainer.batch_size=32",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cirlab
+from cirlab.methods import build_stage
 from cirlab.composers import GroundedComposer, QueryRecipe, RerankComposer
 from cirlab.composers.grounded import grounded_states
 from cirlab.config import CONFIG_ROOT, load_config
@@ -43,7 +44,7 @@ def test_hard_candidates_hold_the_target_at_the_label_and_never_the_reference(ti
     cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml",
                       [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}", "method.reranker_init=null",
                        "method.loss=mixed", "method.train_k=6", "method.residual=true"])
-    stage = rerank.build(cfg)
+    stage = build_stage(cfg)
     data = stage.train_data
     rows = data.base.rows
     assert 0 < len(data) <= len(data.base)
@@ -124,7 +125,7 @@ def test_training_losses_score_query_i_against_target_j_with_the_target_as_label
                       [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}", "method.reranker_init=null",
                        "method.loss=mixed", "method.train_k=4", "method.residual=false",
                        f"method.candidate_input={candidate_input}"])
-    stage = rerank.build(cfg)
+    stage = build_stage(cfg)
     model = stage.model.eval()
     torch.manual_seed(0)
     torch.nn.init.normal_(model.reranker.cls_head[-1].weight, std=1.0)  # scores far apart: layouts differ
@@ -155,7 +156,7 @@ def test_the_filter_loss_takes_fp32_cosines_under_bf16_autocast(tiny_shapes, tin
     computed in fp32 from its projections, as pretraining's ITC is (a bf16 matmul rounds them)."""
     cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_filter.yaml",
                       [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}"])
-    stage = rerank.build(cfg)
+    stage = build_stage(cfg)
     model = stage.model.eval()
     batch = torch.utils.data.default_collate([stage.train_data[i] for i in range(16)])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -260,7 +261,7 @@ def test_the_reranker_trains_over_a_bi_blip4cir_model_folder(tiny_shapes, tiny_p
     folder = first.save(tmp_path / "sum")
     cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml",
                       [f"data.root={tiny_shapes}", f"model.backbone={folder}", "method.train_k=4"])
-    stage = rerank.build(cfg)
+    stage = build_stage(cfg)
     assert type(stage.model.composer.first) is type(first)
     batch = torch.utils.data.default_collate([stage.train_data[i] for i in range(4)])
     item = stage.train_data[0]
@@ -276,7 +277,7 @@ def test_the_reranker_trains_over_a_bi_blip4cir_model_folder(tiny_shapes, tiny_p
     assert stage.model.reranker.cls_head[-1].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in stage.model.composer.first.parameters())
     with pytest.raises(ValueError, match="re-ranking model already"):
-        rerank.build(load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml", [
+        build_stage(load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml", [
             f"data.root={tiny_shapes}", f"model.backbone={stage.export(stage.model, tmp_path / 'rr', {})}"]))
 
 
@@ -299,7 +300,7 @@ def test_an_auto_residual_scale_is_fitted_before_training_and_saved(tiny_shapes,
     cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_reranker.yaml",
                       [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}", "method.train_k=4",
                        "method.residual_scale=auto"])
-    stage = rerank.build(cfg)
+    stage = build_stage(cfg)
     scale = stage.model.composer.residual_scale
     assert isinstance(scale, float) and 1 <= scale <= 1000
     assert cirlab.load(stage.export(stage.model, tmp_path / "m", {})).residual_scale == scale
@@ -312,7 +313,7 @@ def test_the_filter_trains_vision_proj_only_when_asked(tiny_shapes, tiny_pretrai
     cfg = load_config(CONFIG_ROOT / "rerank" / "shapes_filter.yaml",
                       [f"data.root={tiny_shapes}", f"model.backbone={tiny_pretrained_blip}",
                        f"method.train_vision_proj={str(train_vision_proj).lower()}"])
-    stage = rerank.build(cfg)
+    stage = build_stage(cfg)
     model = stage.model.train()
     vision = [p.detach().clone() for p in model.backbone.vision_proj.parameters()]
     text = [p.detach().clone() for p in model.backbone.text_proj.parameters()]

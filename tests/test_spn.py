@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import cirlab
+from cirlab.methods import build_stage
 from cirlab.cli import main
 from cirlab.composers import QueryRecipe, SumComposer
 from cirlab.config import CONFIG_ROOT, load_config
@@ -244,7 +245,7 @@ def test_generated_triplets_load_through_the_loader_and_reach_training(tiny_shap
     cfg = load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml", [f"data.root={root}", f"model.backbone={stage1}",
                                                                  f"data.extensions=[{out}]"])
     assert len(training_splits(cfg)[0].queries) == len(split.queries) + len(records)
-    stage = spn.build(cfg)
+    stage = build_stage(cfg)
     assert len(stage.train_data) == len(split.queries) + len(records)
     texts = {stage.train_data[i]["text"] for i in range(len(split.queries), len(stage.train_data))}
     assert texts <= {c for q in generated for c in q.captions}
@@ -313,7 +314,7 @@ def test_stage_two_stands_on_every_first_stage_kind(tiny_shapes, tiny_pretrained
     for kind, composer in _first_stages(tiny_pretrained_blip, tmp_path).items():
         folder = composer.save(tmp_path / kind)
         cfg = load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml", [f"data.root={tiny_shapes}", f"model.backbone={folder}"])
-        stage = spn.build(cfg)
+        stage = build_stage(cfg)
         model = stage.model.train()
         base = {n: p.detach().clone() for n, p in model.composer.named_parameters()}
         query = {id(p) for p in model.composer.query_parameters()}
@@ -339,5 +340,5 @@ def test_stage_two_stands_on_every_first_stage_kind(tiny_shapes, tiny_pretrained
     reranker = DualEncoderReranker.from_text_encoder(blip.text_encoder, enc_token_id=blip.enc_token_id, merge="official")
     folder = RerankComposer(GroundedComposer(blip, QueryRecipe()), reranker).save(tmp_path / "rerank")
     with pytest.raises(ValueError, match="re-ranking model; SPN trains a first stage"):
-        spn.build(load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml", [f"data.root={tiny_shapes}",
+        build_stage(load_config(CONFIG_ROOT / "spn" / "shapes_bank.yaml", [f"data.root={tiny_shapes}",
                                                                          f"model.backbone={folder}"]))

@@ -132,19 +132,39 @@ class ExperimentConfig(Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    # The method section: the typed model of the method's stage (cirlab.methods.method_config);
-    # an empty section means no method (engine-only use).
+    # The method section: the typed model of the method's stage (method_section); an empty section
+    # means no method (engine-only use).
     method: Any = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _typed_method(self) -> "ExperimentConfig":
         if isinstance(self.method, dict) and self.method:
-            from cirlab.methods import method_config  # methods import this module
-
-            self.method = method_config(self.method)
+            self.method = method_section(self.method)
         elif not isinstance(self.method, (dict, BaseModel)):
             raise ValueError(f"method must be a mapping, got {type(self.method).__name__}")
         return self
+
+
+def stage_key(section: BaseModel) -> tuple[str, str]:
+    """``(method, stage)`` of a typed method section: the key of its stage in ``STAGES``; a
+    single-stage method's stage is named as the method."""
+    return section.name, getattr(section, "stage", section.name)
+
+
+def method_section(data: dict, source: str = "config") -> BaseModel:
+    """A ``method`` section validated into the config model of its registered stage (unknown
+    keys are errors; a section without ``stage`` means the method's default stage)."""
+    name = data.get("name")
+    stages = {stage: spec for (method, stage), spec in STAGES.items() if method == name}
+    if not stages:
+        methods = sorted({method for method, _ in STAGES.keys()})
+        raise ValueError(f"invalid config {source}:\n  method.name: must be one of {methods}, got {name!r}")
+    stage = data.get("stage", next((s for s, spec in stages.items() if spec.default), next(iter(stages))))
+    if stage not in stages:
+        raise ValueError(f"invalid config {source}:\n  method.stage: must be one of {list(stages)}, got {stage!r}")
+    model = stages[stage].config
+    return validate(model, {**data, "stage": stage} if "stage" in model.model_fields else dict(data),
+                    f"{source} (method)")
 
 
 class ServeConfig(Strict):

@@ -3,8 +3,8 @@ predictions in the benchmark's submission format (any split, val included: ``cir
 reads them back to the same numbers).
 
 * ``--model DIR``: an exported model folder (``<run>/model``), loaded with :func:`cirlab.load`;
-* ``--config FILE``: a zero-shot config (one row per mode, on ``model.backbone``) or a
-  pretraining config (scene caption retrieval of ``model.backbone``).
+* ``--config FILE``: a config whose stage produces composers (zero-shot: one row per mode, on
+  ``model.backbone``) or scores itself (pretraining: scene caption retrieval of ``model.backbone``).
 """
 
 from __future__ import annotations
@@ -100,11 +100,10 @@ def _print_reported(model: Path, dataset: str, metrics: dict[str, dict[str, floa
 
 
 def _evaluate_config(args: argparse.Namespace) -> int:
-    from cirlab.methods import method_module
+    from cirlab.methods import spec_of
 
     cfg = load_config(args.config, args.overrides)
-    if not cfg.method:
-        raise ValueError(f"{args.config}: the config has no method section")
+    spec = spec_of(cfg, str(args.config))
     if args.dataset or args.root:
         raise ValueError("--config takes the dataset from data.dataset / data.root (use --set)")
     split_name = args.split or cfg.evaluation.split
@@ -112,14 +111,13 @@ def _evaluate_config(args: argparse.Namespace) -> int:
 
     categories = args.categories or benchmark(cfg.data.dataset).category_filter(cfg.data.categories)
     splits = _splits(cfg.data.dataset, cfg.data.root, split_name, categories, args.decode)
-    method = method_module(cfg.method.name, str(args.config))
     meta = {"config": cfg.model_dump(mode="json"), "split": split_name}
-    if cfg.method.name == "pretrain":
-        return _evaluate_pretrain(args, cfg, splits, meta)
-    if not hasattr(method, "composers"):
-        raise ValueError(f"{args.config}: method {cfg.method.name!r} is trained: evaluate its exported model "
-                         f"with cirlab eval --model <run>/model")
-    composers = method.composers(cfg)
+    if spec.evaluate is not None:  # a stage that scores itself (pretraining: scene caption retrieval)
+        return _evaluate_own(args, cfg, spec.evaluate(cfg, splits), splits, meta)
+    if spec.composers is None:
+        raise ValueError(f"{args.config}: method {spec.label} is trained: evaluate its exported model "
+                         f"with cirlab eval --model <run>/{spec.produces}")
+    composers = spec.composers(cfg)
     out = _out_dir(args, cfg.name, split_name)
     options = dict(batch_size=args.batch_size or cfg.evaluation.batch_size, max_queries=args.max_queries,
                    token_dtype=args.token_dtype or cfg.data.token_dtype)
@@ -174,14 +172,10 @@ def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> 
     return metrics
 
 
-def _evaluate_pretrain(args, cfg, splits, meta) -> int:
-    from cirlab.methods import pretrain
-    from cirlab.methods.common import stage_backbone
+def _evaluate_own(args, cfg, results: dict[str, dict[str, float]], splits, meta) -> int:
     from cirlab.utils.io import atomic_write_json
     from cirlab.utils.report import format_table
 
-    backbone = stage_backbone(cfg, "pretrain eval")
-    results = pretrain.evaluate(cfg, backbone, splits[0])
     out = _out_dir(args, cfg.name, splits[0].split)
     atomic_write_json(out / "metrics.json", results, indent=1)
     atomic_write_json(out / "eval.json", meta, indent=1)

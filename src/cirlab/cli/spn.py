@@ -1,4 +1,5 @@
-"""``cirlab spn generate``: SPN's generated positives, written as a training-split extension file."""
+"""``cirlab spn generate``: SPN's generated positives, written as a training-split extension file
+(the same as ``cirlab train`` on a config with ``method.stage: generate``; kept as SPN's own word)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     from cirlab.config import load_config
-    from cirlab.methods import spn
+    from cirlab.methods import spec_of
 
     cfg = load_config(args.config, args.overrides)
-    if not isinstance(cfg.method, spn.GenerateConfig):
+    spec = spec_of(cfg, str(args.config))
+    if (spec.method, spec.stage) != ("spn", "generate"):
         raise ValueError(f"{args.config}: method must be spn with stage generate")
-    spn.generate(cfg)
+    spec.run(cfg)
     return 0

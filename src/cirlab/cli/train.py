@@ -1,7 +1,8 @@
 """``cirlab pretrain|train``: run a method's training on the engine from a config file.
 
-The run ends with one self-contained model folder, ``<run>/model`` (pretraining:
-``<run>/backbone``), written from the checkpoint that ``trainer.select_metric`` chose."""
+The run ends with one self-contained folder named by what the stage produces, ``<run>/model``
+(pretraining: ``<run>/backbone``), written from the checkpoint that ``trainer.select_metric``
+chose. A stage that produces files (``spn`` stage ``generate``) runs in one pass instead."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def train(args: argparse.Namespace) -> int:
     from cirlab.data.images import collate_skip_none
-    from cirlab.methods import method_module
+    from cirlab.methods import spec_of
     from cirlab.training import distributed
     from cirlab.training.checkpoint import load_checkpoint
     from cirlab.training.engine import Trainer
@@ -45,14 +46,16 @@ def train(args: argparse.Namespace) -> int:
     else:
         run, cfg = None, load_config(args.config, args.overrides)
     source = args.config or run.config_path
-    if not cfg.method:
-        raise ValueError(f"{source}: the config has no method section")
-    method = method_module(cfg.method.name, str(source))
-    if not hasattr(method, "build"):
-        raise ValueError(f"{source}: method {cfg.method.name!r} is not trainable (evaluate it with cirlab eval)")
-    select = cfg.trainer.select_metric
+    spec = spec_of(cfg, str(source))
+    if spec.produces == "composers":
+        raise ValueError(f"{source}: method {spec.label} is not trained (evaluate it with cirlab eval --config)")
     seed_everything(cfg.seed)  # before build: the model's random initialisation is part of the run
-    stage = method.build(cfg)
+    if spec.produces == "files":  # one pass, no engine: the stage writes where its config says
+        for path in spec.run(cfg):
+            print(f"wrote {path}")
+        return 0
+    select = cfg.trainer.select_metric
+    stage = spec.build(cfg)
     if select is not None and select not in stage.metric_names:
         raise ValueError(f"{source}: trainer.select_metric {select!r} is not a validation metric of this stage "
                          f"(one of {', '.join(stage.metric_names)})")
@@ -68,7 +71,7 @@ def train(args: argparse.Namespace) -> int:
         best = load_checkpoint(run.best)
         stage.model.load_state_dict(best["model"])
         provenance.update(checkpoint="best.pt", step=best["step"], select_metric=select, value=best["best_metric"])
-    folder = stage.export(stage.model, run.path / ("backbone" if cfg.method.name == "pretrain" else "model"), provenance)
+    folder = stage.export(stage.model, run.path / spec.produces, provenance)
     which = f"best.pt (step {provenance['step']}, {select} = {provenance['value']:.2f})" \
         if provenance["checkpoint"] == "best.pt" else f"the final weights (step {provenance['step']})"
     print(f"exported {folder} from {which}")

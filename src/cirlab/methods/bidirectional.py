@@ -33,7 +33,8 @@ from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.base import Query
 from cirlab.data.torch_data import FeatureTriplets, default_text, training_forms
 from cirlab.methods.common import (Stage, composer_stage, diagonal_ce, image_table, recipe_of,
-                                   stage_backbone, stage_config, training_splits, triplet_ids)
+                                   stage_backbone, training_splits, triplet_ids)
+from cirlab.methods.stages import register_stage
 from cirlab.models import Backbone, BlipBackbone, add_tokens
 from cirlab.models.combiner import Combiner
 from cirlab.training.losses import info_nce, reversed_sum_logits
@@ -76,12 +77,6 @@ class BiCombinerConfig(BiConfig):
     dropout: float = 0.5
     encode_batch_size: int = 256
 
-
-CONFIGS = {"text": BiTextConfig, "combiner": BiCombinerConfig}
-
-
-def config_model(data: dict, source: str) -> BiConfig:
-    return stage_config(CONFIGS, data, source)
 
 
 def backward_query_text(query: Query, cfg: BiConfig, draw: Callable[[Query], str]) -> str:
@@ -201,10 +196,9 @@ def _training_draw(query: Query) -> str:
     return default_text(query, True)  # FashionIQ: a random form; the backward one is an independent draw
 
 
-def build(cfg: ExperimentConfig) -> Stage:
-    """The stage's module, its training triplets over cached image features, and its composer."""
+def _training_data(cfg: ExperimentConfig, backbone: Backbone):
+    """The training splits, their cached image embeddings (rows by id) and the triplet dataset."""
     bcfg = cfg.method
-    backbone = prepare_backbone(stage_backbone(cfg, "method bidirectional"), bcfg)
     train_splits = training_splits(cfg)
     table, rows = image_table(backbone, train_splits, cfg, triplet_ids)
     embeds = table["embeds"]
@@ -212,12 +206,27 @@ def build(cfg: ExperimentConfig) -> Stage:
     forward = lambda q: with_direction(_training_draw(q), True, bcfg.direction)  # noqa: E731
     datasets = [FeatureTriplets(s, rows, forward, back) for s in train_splits]
     train_data = datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets)
-    recipe = recipe_of(cfg, bcfg)
+    return train_splits, embeds, train_data
 
-    if bcfg.stage == "text":
-        model = TextStage(backbone, embeds, bcfg, lr=cfg.trainer.optimizer.lr)
-        return composer_stage(cfg, model, train_data, lambda m: SumComposer(m.backbone, recipe),
-                              param_groups=model.param_groups())
+
+@register_stage("bidirectional", "text", config=BiTextConfig, default=True)
+def build_text(cfg: ExperimentConfig) -> Stage:
+    """Stage I: the text encoder trains with forward and reversed queries over cached image embeddings."""
+    backbone = prepare_backbone(stage_backbone(cfg, "method bidirectional"), cfg.method)
+    _, embeds, train_data = _training_data(cfg, backbone)
+    recipe = recipe_of(cfg, cfg.method)
+    model = TextStage(backbone, embeds, cfg.method, lr=cfg.trainer.optimizer.lr)
+    return composer_stage(cfg, model, train_data, lambda m: SumComposer(m.backbone, recipe),
+                          param_groups=model.param_groups())
+
+
+@register_stage("bidirectional", "combiner", config=BiCombinerConfig)
+def build_combiner(cfg: ExperimentConfig) -> Stage:
+    """Stage II: the Combiner over the frozen stage-I backbone's image and text features."""
+    bcfg = cfg.method
+    backbone = prepare_backbone(stage_backbone(cfg, "method bidirectional"), bcfg)
+    train_splits, embeds, train_data = _training_data(cfg, backbone)
+    recipe = recipe_of(cfg, bcfg)
     backbone.requires_grad_(False)
     texts = list(dict.fromkeys(t for s in train_splits for q in s.queries for t in training_texts(q, bcfg)))
     feats = encode_texts(backbone, texts, batch_size=bcfg.encode_batch_size, max_length=bcfg.max_text_length,

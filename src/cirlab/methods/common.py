@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cirlab.composers import Composer, QueryRecipe
-from cirlab.config import ExperimentConfig, validate
+from cirlab.config import ExperimentConfig
 from cirlab.data.base import CIRSplit
 from cirlab.data.registry import benchmark, extend_split, load_splits
 from cirlab.data.transforms import build_transform
@@ -81,14 +81,6 @@ def with_recipe_images(cfg: ExperimentConfig, composer: Composer) -> ExperimentC
     data = cfg.data.model_copy(update={"transform": composer.recipe.transform,
                                        "target_ratio": composer.recipe.target_ratio})
     return cfg.model_copy(update={"data": data})
-
-
-def stage_config(configs: Mapping[str, type[BaseModel]], data: Mapping[str, Any], source: str) -> BaseModel:
-    """Validate a method section with the typed model of its ``stage`` (one model per stage)."""
-    stage = data.get("stage", next(iter(configs)))
-    if stage not in configs:
-        raise ValueError(f"invalid config {source}:\n  method.stage: must be one of {list(configs)}, got {stage!r}")
-    return validate(configs[stage], {**data, "stage": stage}, f"{source} (method)")
 
 
 def backbone_folder(path: str | Path) -> Path:

@@ -18,12 +18,13 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from cirlab.config import ExperimentConfig, ModelConfig, Strict, validate
-from cirlab.methods.common import Stage
+from cirlab.config import ExperimentConfig, ModelConfig, Strict
 from cirlab.data.base import CIRSplit
 from cirlab.data.registry import load_split
 from cirlab.data.torch_data import GalleryDataset, make_loader
 from cirlab.data.transforms import build_transform
+from cirlab.methods.common import Stage, stage_backbone
+from cirlab.methods.stages import register_stage
 from cirlab.models import (Backbone, BlipBackbone, build_small_blip, build_small_clip, init_text_from_minilm,
                            load_backbone, save_backbone)
 from cirlab.retrieval.similarity import dot_similarity
@@ -39,10 +40,6 @@ class PretrainConfig(Strict):
     temperature: float = 0.07
     max_text_length: int = 64
     eval_images: int | None = Field(None, description="evaluate on the first N test images (all when None)")
-
-
-def config_model(data: dict, source: str) -> PretrainConfig:
-    return validate(PretrainConfig, dict(data), f"{source} (method)")
 
 
 def backbone_from_config(cfg: ModelConfig) -> Backbone:
@@ -220,10 +217,11 @@ def _check_shapes(cfg: ExperimentConfig) -> None:
         raise ValueError(f"pretrain: data.dataset must be shapes (scene captions), got {cfg.data.dataset!r}")
 
 
-def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit) -> dict[str, dict[str, float]]:
-    """``cirlab eval`` of a pretrained backbone: scene caption retrieval, in fp32."""
+def evaluate(cfg: ExperimentConfig, splits: list[CIRSplit]) -> dict[str, dict[str, float]]:
+    """``cirlab eval --config`` of a pretrained backbone (``model.backbone``): scene caption retrieval, in fp32."""
     mcfg = cfg.method
     _check_shapes(cfg)
+    backbone, split = stage_backbone(cfg, "pretrain eval"), splits[0]
     transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
     metrics = scene_retrieval(backbone, split, scene_captions(cfg.data.root, split.split), transform,
                               batch_size=cfg.evaluation.batch_size, max_text_length=mcfg.max_text_length,
@@ -232,6 +230,7 @@ def evaluate(cfg: ExperimentConfig, backbone: Backbone, split: CIRSplit) -> dict
             "reference scenes": {k.removeprefix(REFS): v for k, v in metrics.items() if k.startswith(REFS)}}
 
 
+@register_stage("pretrain", config=PretrainConfig, produces="backbone", evaluate=evaluate)
 def build(cfg: ExperimentConfig) -> Stage:
     """The pretraining module, its captioned training images, and validation on ``data.val_split``
     (the checkpoint is selected there; the test split is for ``cirlab eval`` only)."""

@@ -33,8 +33,9 @@ from cirlab.composers.projection import MARKER
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.text_triplets import TextTriplet, clean_caption, mask_keywords, read_captions, read_triplets, \
     rule_triplets, shapes_triplets
-from cirlab.methods.common import (Stage, composer_stage, image_table, stage_backbone, stage_config,
+from cirlab.methods.common import (Stage, composer_stage, image_table, stage_backbone,
                                    training_splits)
+from cirlab.methods.stages import register_stage
 from cirlab.models import Backbone
 from cirlab.models.phi import Phi
 from cirlab.training.losses import clip_loss, nt_xent
@@ -76,12 +77,6 @@ class RtdConfig(ProjectionConfig):
     refined_sampling: bool = Field(True, description="add the 'a photo of $' queries with the reference "
                                    "captions as their targets (hard negatives of each other)")
 
-
-CONFIGS = {"phi": PhiConfig, "rtd": RtdConfig}
-
-
-def config_model(data: dict, source: str) -> ProjectionConfig:
-    return stage_config(CONFIGS, data, source)
 
 
 def caption_embeds(backbone: Backbone, captions: list[str], max_length: int) -> torch.Tensor:
@@ -208,18 +203,26 @@ def projection_recipe(cfg: ExperimentConfig) -> QueryRecipe:
                        transform=cfg.data.transform, target_ratio=cfg.data.target_ratio)
 
 
-def build(cfg: ExperimentConfig) -> Stage:
+@register_stage("projection", "rtd", config=RtdConfig)
+def build_rtd(cfg: ExperimentConfig) -> Stage:
+    """RTD: the text encoder of a trained projection model tuned post hoc (its Phi frozen)."""
     pcfg = cfg.method
     recipe = projection_recipe(cfg)
-    if pcfg.stage == "rtd":
-        base = load(cfg.model.backbone)  # the base's model folder: its backbone and its Phi
-        if not isinstance(base, ProjectionComposer):
-            raise ValueError(f"method rtd: model.backbone must be a projection model folder, got a {base.kind} model")
-        composer = ProjectionComposer(base.backbone.float(), recipe, base.phi)
-        model = RtdStage(composer, pcfg)
-        data = Items(_as_dicts(triplet_source(cfg, pcfg)))
-        return composer_stage(cfg, model, data, lambda m: m.composer,
-                              param_groups=[{"params": [p for p in composer.backbone.parameters() if p.requires_grad]}])
+    base = load(cfg.model.backbone)  # the base's model folder: its backbone and its Phi
+    if not isinstance(base, ProjectionComposer):
+        raise ValueError(f"method rtd: model.backbone must be a projection model folder, got a {base.kind} model")
+    composer = ProjectionComposer(base.backbone.float(), recipe, base.phi)
+    model = RtdStage(composer, pcfg)
+    data = Items(_as_dicts(triplet_source(cfg, pcfg)))
+    return composer_stage(cfg, model, data, lambda m: m.composer,
+                          param_groups=[{"params": [p for p in composer.backbone.parameters() if p.requires_grad]}])
+
+
+@register_stage("projection", "phi", config=PhiConfig, default=True)
+def build_phi(cfg: ExperimentConfig) -> Stage:
+    """The projection Phi (Pic2Word- or LinCIR-style) over a frozen backbone."""
+    pcfg = cfg.method
+    recipe = projection_recipe(cfg)
     backbone = stage_backbone(cfg, "method projection")
     phi = Phi("pic2word" if pcfg.style == "pic2word" else "searle", backbone.embed_dim, backbone.token_dim)
     composer = ProjectionComposer(backbone, recipe, phi)

@@ -38,8 +38,9 @@ from cirlab.composers.grounded import BeyondK, CandidateInput, candidate_tokens,
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
-                                   recipe_of, stage_backbone, stage_config, training_splits, triplet_ids,
+                                   recipe_of, stage_backbone, training_splits, triplet_ids,
                                    with_recipe_images)
+from cirlab.methods.stages import register_stage
 from cirlab.models import Backbone, BlipBackbone, load_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker
 from cirlab.training import distributed
@@ -92,12 +93,6 @@ class RerankerConfig(RerankConfig):
         "image", description="what the re-ranker cross-attends to: the candidate's image tokens (official) or "
         "the candidate's tokens minus the reference's (what changed)")
 
-
-CONFIGS = {"filter": FilterConfig, "reranker": RerankerConfig}
-
-
-def config_model(data: dict, source: str) -> RerankConfig:
-    return stage_config(CONFIGS, data, source)
 
 
 class FilterStage(nn.Module):
@@ -280,16 +275,22 @@ def _triplets(cfg: ExperimentConfig, backbone: Backbone):
     return table["tokens"], (datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets))
 
 
-def build(cfg: ExperimentConfig) -> Stage:
-    """The stage's module, its training triplets over cached image tokens, and its composer."""
+@register_stage("rerank", "filter", config=FilterConfig, default=True)
+def build_filter(cfg: ExperimentConfig) -> Stage:
+    """Stage I: the grounded filter over cached image tokens."""
     rcfg = cfg.method
-    if rcfg.stage == "filter":
-        backbone = _filter_backbone(stage_backbone(cfg, "method rerank"))
-        tokens, train_data = _triplets(cfg, backbone)
-        recipe = recipe_of(cfg, rcfg)
-        return composer_stage(cfg, FilterStage(backbone, tokens, rcfg), train_data,
-                              lambda m: GroundedComposer(m.backbone, recipe),
-                              topk_depths=rcfg.topk_depths, max_queries=rcfg.eval_queries)
+    backbone = _filter_backbone(stage_backbone(cfg, "method rerank"))
+    tokens, train_data = _triplets(cfg, backbone)
+    recipe = recipe_of(cfg, rcfg)
+    return composer_stage(cfg, FilterStage(backbone, tokens, rcfg), train_data,
+                          lambda m: GroundedComposer(m.backbone, recipe),
+                          topk_depths=rcfg.topk_depths, max_queries=rcfg.eval_queries)
+
+
+@register_stage("rerank", "reranker", config=RerankerConfig)
+def build_reranker(cfg: ExperimentConfig) -> Stage:
+    """Stage II: the dual-encoder re-ranker over its first stage's top-K lists."""
+    rcfg = cfg.method
     first = first_stage(cfg)
     backbone = first.backbone
     tokens, train_data = _triplets(with_recipe_images(cfg, first), backbone)

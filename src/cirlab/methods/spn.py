@@ -45,7 +45,8 @@ from cirlab.data.dedup import duplicate_map
 from cirlab.data.registry import benchmark
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, composer_stage, image_table, method_splits,
-                                   stage_config, training_splits, triplet_ids, with_recipe_images)
+                                   training_splits, triplet_ids, with_recipe_images)
+from cirlab.methods.stages import register_stage
 from cirlab.utils.io import atomic_write_json
 
 # SPN's p_list: 0, 1, 2 (get_cir_data.py)
@@ -83,12 +84,6 @@ class BankConfig(Strict):
         None, description="FashionIQ's validation text rule (cirlab.data.fashioniq.VAL_RULES); default: the "
         "first stage's; SPN4CIR's CLIP-based models (clip4cir, zscir) use one-uncapitalized")
 
-
-CONFIGS = {"bank": BankConfig, "generate": GenerateConfig}
-
-
-def config_model(data: dict, source: str) -> BankConfig | GenerateConfig:
-    return stage_config(CONFIGS, data, source)
 
 
 def base_composer(cfg: ExperimentConfig) -> Composer:
@@ -166,6 +161,7 @@ def template_texts(reference_caption: str, target_caption: str, templates: list[
     return [TEMPLATES[t].format(ref=reference_caption, tgt=target_caption) for t in templates]
 
 
+@register_stage("spn", "generate", config=GenerateConfig, produces="files")
 def generate(cfg: ExperimentConfig) -> list[Path]:
     """Write the generated triplets of every training split (FashionIQ: per category)."""
     gcfg: GenerateConfig = cfg.method
@@ -277,10 +273,10 @@ class BankStage(nn.Module):
         return {"loss": loss, "tau": self.tau.detach()}
 
 
-def build(cfg: ExperimentConfig) -> Stage:
+@register_stage("spn", "bank", config=BankConfig, default=True)
+def build_bank(cfg: ExperimentConfig) -> Stage:
+    """SPN's stage 2: the first stage's query side trained against a static bank of gallery vectors."""
     scfg = cfg.method
-    if scfg.stage == "generate":
-        raise ValueError("method spn, stage generate: run `cirlab spn generate --config ...`, not `cirlab train`")
     composer = base_composer(cfg)
     if scfg.caption_orders is not None:
         composer.recipe = dataclasses.replace(composer.recipe, caption_orders=scfg.caption_orders)

@@ -7,8 +7,9 @@ from typing import Literal
 
 from cirlab.composers import ZeroShotComposer
 from cirlab.composers.zeroshot import Mode
-from cirlab.config import ExperimentConfig, Strict, validate
+from cirlab.config import ExperimentConfig, Strict
 from cirlab.methods.common import recipe_of, stage_backbone
+from cirlab.methods.stages import register_stage
 
 
 class ZeroShotConfig(Strict):
@@ -17,10 +18,7 @@ class ZeroShotConfig(Strict):
     max_text_length: int = 77
 
 
-def config_model(data: dict, source: str) -> ZeroShotConfig:
-    return validate(ZeroShotConfig, dict(data), f"{source} (method)")
-
-
+@register_stage("zeroshot", config=ZeroShotConfig, produces="composers")
 def composers(cfg: ExperimentConfig) -> list[ZeroShotComposer]:
     """One composer per configured mode, all on the same backbone."""
     backbone = stage_backbone(cfg, "method zeroshot")
