@@ -1,6 +1,6 @@
 """Evaluation with a real (small) backbone: the gallery encoded once, then read from the cache.
 
-Times ``cirlab.retrieval.encode.image_features`` (embeds + BLIP tokens) twice on a fresh cache,
+Times ``cirlab.features.encode.image_features`` (embeds + BLIP tokens) twice on a fresh cache,
 and a whole zero-shot evaluation (one :class:`~cirlab.composers.ZeroShotComposer` per mode,
 through :func:`~cirlab.evaluation.evaluate.evaluate_composer`) on a cold and on a warm cache.
 
@@ -22,7 +22,7 @@ from cirlab.data.registry import load_split
 from cirlab.data.transforms import build_transform
 from cirlab.evaluation.evaluate import evaluate_composer
 from cirlab.models import BlipBackbone, load_backbone
-from cirlab.retrieval.encode import image_features
+from cirlab.features.encode import image_features
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cirlab.retrieval.feature_cache import cached_features
+from cirlab.features.cache import cached_features
 
 
 class TinyEncoder(nn.Module):

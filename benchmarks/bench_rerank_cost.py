@@ -20,8 +20,8 @@ import torch
 import cirlab
 from cirlab.composers import RerankComposer
 from cirlab.data.registry import load_split
-from cirlab.evaluation.evaluate import (candidates_of, first_queries, rerank_scores, reranked_similarity, similarity,
-                                        split_features)
+from cirlab.composers.vectors import similarity, split_features
+from cirlab.evaluation.evaluate import candidates_of, first_queries, rerank_scores, reranked_similarity
 from cirlab.evaluation.protocols import evaluate_similarity, recall_at_depths
 
 

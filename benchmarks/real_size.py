@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from cirlab.composers import GroundedComposer, QueryRecipe, RerankComposer, SumComposer
 from cirlab.methods import bidirectional as bi
 from cirlab.methods import rerank
-from cirlab.methods.common import RowTable, diagonal_ce
+from cirlab.methods.common import RowTable
 from cirlab.models import blip_base_config, build_backbone, clip_config
 from cirlab.models.combiner import Combiner
 from cirlab.models.dual_encoder import DualEncoderReranker
-from cirlab.training.losses import clip_loss, info_nce
+from cirlab.training.losses import clip_loss, diagonal_ce, info_nce
 from transformers import BlipConfig, CLIPConfig
 
 TEXT = "is red with long sleeves and a bow"

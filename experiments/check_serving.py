@@ -22,7 +22,7 @@ from cirlab.cli import main as cli
 from cirlab.config import ServeConfig
 from cirlab.data.registry import load_split
 from cirlab.data.torch_data import default_text
-from cirlab.evaluation.evaluate import similarity, split_features
+from cirlab.composers.vectors import similarity, split_features
 from cirlab.evaluation.submission import rankings_from_similarity
 from cirlab.retrieval.milvus import milvus_lite_server
 from cirlab.retrieval.search import Query, Searcher

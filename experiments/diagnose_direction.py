@@ -23,10 +23,11 @@ import cirlab
 from cirlab.composers import BACKWARD, FORWARD, SumComposer, with_direction
 from cirlab.data.registry import load_split
 from cirlab.data.torch_data import default_text
-from cirlab.evaluation.evaluate import gallery_vectors, query_vectors, reversed_split, split_features
+from cirlab.composers.vectors import gallery_vectors, query_vectors, split_features
+from cirlab.evaluation.evaluate import reversed_split
 from cirlab.evaluation.protocols import evaluate_similarity
 from cirlab.models.tokenizer import token_id
-from cirlab.retrieval.similarity import dot_similarity
+from cirlab.features.similarity import dot_similarity
 
 ALPHAS = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 

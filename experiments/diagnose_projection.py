@@ -29,7 +29,8 @@ import cirlab
 from cirlab.composers import ProjectionComposer, ZeroShotComposer
 from cirlab.data.base import Query
 from cirlab.data.registry import load_split
-from cirlab.evaluation.evaluate import evaluate_composer, split_features
+from cirlab.composers.vectors import split_features
+from cirlab.evaluation.evaluate import evaluate_composer
 from cirlab.models.phi import Phi
 
 PROMPTS = {"official: a photo of $ that {text}": "a photo of $ that {text}",

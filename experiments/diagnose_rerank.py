@@ -23,7 +23,8 @@ import torch
 
 import cirlab
 from cirlab.data.registry import load_split
-from cirlab.evaluation.evaluate import candidates_of, first_queries, query_texts, similarity, split_features
+from cirlab.composers.vectors import query_texts, similarity, split_features
+from cirlab.evaluation.evaluate import candidates_of, first_queries
 
 
 def diagnose(composer, split, k: int, batch: int = 16) -> dict[str, float]:

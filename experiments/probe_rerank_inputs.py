@@ -30,7 +30,8 @@ from torch import nn
 
 import cirlab
 from cirlab.data.registry import load_split
-from cirlab.evaluation.evaluate import candidates_of, query_texts, similarity, split_features
+from cirlab.composers.vectors import query_texts, similarity, split_features
+from cirlab.evaluation.evaluate import candidates_of
 
 MODES = ("cand", "both", "diff")
 

@@ -2,7 +2,6 @@
 evaluation path, and predictions that ``cirlab score`` reads back to the printed numbers."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from cirlab.composers import (CombinerComposer, GroundedComposer, QueryRecipe, R
                               ZeroShotComposer)
 from cirlab.data.registry import load_split
 from cirlab.data.torch_data import default_text
-from cirlab.evaluation.evaluate import evaluate_composer, split_features
+from cirlab.composers.vectors import split_features
+from cirlab.evaluation.evaluate import evaluate_composer
 from cirlab.models import add_tokens, build_small_blip, load_backbone, save_backbone
 from cirlab.models.combiner import Combiner, load_combiner
 from cirlab.models.dual_encoder import DualEncoderReranker

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cirlab.retrieval import feature_cache
-from cirlab.retrieval.feature_cache import FeatureCacheWarning, cache_info, cached_features, prune_cache
+from cirlab.features import cache as feature_cache
+from cirlab.features.cache import FeatureCacheWarning, cache_info, cached_features, prune_cache
 
 KEY = {"backbone": "tiny-abc123", "transform": "targetpad-1.25-64", "dataset": "shapes/test"}
 IDS = [f"img{i}" for i in range(10)]
@@ -229,7 +229,7 @@ def test_a_changed_image_under_the_same_id_is_re_encoded(tmp_path, monkeypatch):
     from cirlab.data.base import CIRSplit, PathTable
     from cirlab.data.transforms import build_transform
     from cirlab.models import build_small_blip
-    from cirlab.retrieval.encode import default_cache_dir, image_features
+    from cirlab.features.encode import default_cache_dir, image_features
 
     monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
     assert default_cache_dir() == tmp_path / "cache"

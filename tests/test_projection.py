@@ -223,8 +223,8 @@ def test_lincir_and_pic2word_phi_stages_lower_their_losses(composer):
 
 def test_fashioniq_queries_average_both_caption_orders(composer):
     from cirlab.data.base import CIRSplit, Query
-    from cirlab.evaluation.evaluate import query_vectors
-    from cirlab.retrieval.feature_cache import FeatureSet
+    from cirlab.composers.vectors import query_vectors
+    from cirlab.features.cache import FeatureSet
 
     queries = [Query("dress-0", "A", ("is red", "has long sleeves")), Query("dress-1", "B", ("is short.", "is blue"))]
     split = CIRSplit("fashioniq", "val", queries, ["A", "B"], lambda i: [], False)

@@ -13,7 +13,8 @@ from cirlab.composers import GroundedComposer, QueryRecipe, RerankComposer
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.base import CIRSplit, Query
 from cirlab.data.registry import load_split
-from cirlab.evaluation.evaluate import _subset_members, reranked_similarity, similarity, split_features
+from cirlab.composers.vectors import similarity, split_features
+from cirlab.evaluation.evaluate import _subset_members, reranked_similarity
 from cirlab.data.registry import benchmark
 from cirlab.methods import rerank
 from cirlab.methods.common import RowTable

@@ -11,7 +11,8 @@ from cirlab.composers import GroundedComposer, QueryRecipe, RerankComposer
 from cirlab.composers.grounded import grounded_states
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.registry import load_split
-from cirlab.evaluation.evaluate import evaluate_composer, rerank_rows, similarity, split_features
+from cirlab.composers.vectors import similarity, split_features
+from cirlab.evaluation.evaluate import evaluate_composer, rerank_rows
 from cirlab.methods import rerank
 from cirlab.models import load_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from cirlab.config import load_config, CONFIG_ROOT
-from cirlab.methods.common import diagonal_ce, training_splits
+from cirlab.methods.common import training_splits
 from cirlab.training.distributed import EpochBatchSampler
+from cirlab.training.losses import diagonal_ce
 
 
 def test_paired_sampler_puts_samples_with_one_reference_side_by_side():

@@ -20,7 +20,7 @@ from cirlab.composers import QueryRecipe, ZeroShotComposer
 from cirlab.config import ServeConfig
 from cirlab.data.registry import load_split
 from cirlab.data.torch_data import default_text
-from cirlab.evaluation.evaluate import similarity, split_features
+from cirlab.composers.vectors import similarity, split_features
 from cirlab.evaluation.submission import rankings_from_similarity
 from cirlab.models import load_backbone
 from cirlab.retrieval.index import FaissIndex, load_index

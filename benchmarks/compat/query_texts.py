@@ -42,14 +42,15 @@ from cirlab.importers.projection import PROMPT as IMPORTED_PROMPT
 from cirlab.config import CONFIG_ROOT, load_config
 from cirlab.data.base import CIRSplit
 from cirlab.data.registry import load_splits
-from cirlab.evaluation.evaluate import query_vectors, rerank_scores
+from cirlab.composers.vectors import query_vectors
+from cirlab.evaluation.evaluate import rerank_scores
 from cirlab.methods.common import recipe_of
 from cirlab.methods.projection import projection_recipe
 from cirlab.models import add_tokens, build_backbone, ensure_blip_tokens, load_tokenizer, minilm_tokenizer, small_blip_config
 from cirlab.models.dual_encoder import DualEncoderReranker
 from cirlab.models.loading import small_clip_config
 from cirlab.models.phi import Phi
-from cirlab.retrieval.feature_cache import FeatureSet
+from cirlab.features.cache import FeatureSet
 
 DATASETS = ("fashioniq", "cirr")
 BATCH = 64  # queries per call

@@ -119,7 +119,8 @@ class ModelConfig(Strict):
     ``init_text: minilm`` then copies the bundled MiniLM into the BLIP text encoder.
     """
 
-    kind: Literal["blip", "clip"] = "blip"
+    kind: str = Field("blip", description="the backbone adapter: blip, clip, or one registered with "
+                      "cirlab.models.register_backbone (a folder holding another is refused when loaded)")
     backbone: str | None = None
     small: dict[str, Any] | None = None
     init_text: Literal["random", "minilm"] = "random"

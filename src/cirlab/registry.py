@@ -49,10 +49,12 @@ class Registry(Generic[T]):
         return entry
 
     def discover(self) -> None:
+        """Import the package's modules (once) and the plugins (each time: cheap once imported,
+        and ``$CIRLAB_PLUGINS`` may have been set since)."""
         if not self._discovered:
             self._discovered = True  # set first: the modules imported below look entries up too
             _import_package(self.package)
-            import_plugins()
+        import_plugins()
 
     def get(self, key: Hashable) -> T | None:
         if key not in self._entries:

@@ -142,7 +142,7 @@ def _splits(dataset: str, root: Path | str, split: str, categories: list[str] | 
 def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> dict[str, dict[str, float]]:
     """Evaluate each composer, print one table, write metrics.json, eval.json and the predictions;
     returns the metrics per row."""
-    from cirlab.evaluation.evaluate import evaluate_composer, write_predictions
+    from cirlab.evaluation.evaluate import TOPK_DEPTHS, evaluate_composer, write_predictions
     from cirlab.retrieval.topk import save_topk
     from cirlab.training.run import environment
     from cirlab.utils.io import atomic_write_json
@@ -153,7 +153,7 @@ def _run(composers, splits, out: Path, name: str, options: dict, meta: dict) -> 
     fields = sorted({f for c in composers for f in (c.gallery_field, c.reference_field)})  # one cache entry
     for composer in composers:
         grounded = composer.kind == "grounded"
-        result = evaluate_composer(composer, splits, topk_depths=[10, 20, 50, 100, 200] if grounded else None,
+        result = evaluate_composer(composer, splits, topk_depths=TOPK_DEPTHS if grounded else None,
                                    topk_k=200 if grounded else None, extra_fields=fields, **options)
         metrics.update(result.metrics)
         for row in result.rankings:

@@ -8,7 +8,7 @@ are prepared), so a folder written by :meth:`Composer.save` is all it needs to w
 Images come in as PIL images, paths, a pixel batch ``(B, 3, H, W)`` or the backbone's cached
 features: ``(B, d)`` embeddings or ``(B, L, h)`` tokens, whichever ``gallery_field`` /
 ``reference_field`` name (the feature cache stores exactly those fields, see
-:func:`cirlab.retrieval.encode.image_features`).
+:func:`cirlab.features.encode.image_features`).
 
 Folder layout::
 
@@ -23,16 +23,19 @@ import hashlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cirlab.data.base import CIRSplit
 from cirlab.data.fashioniq import fiq_val_texts
 from cirlab.data.images import decode_image
 from cirlab.data.transforms import build_transform
+from cirlab.features.cache import FeatureSet
+from cirlab.features.encode import TokenDtype, image_features, split_image_ids
 from cirlab.models import Backbone, load_backbone, save_backbone
 from cirlab.utils.io import atomic_dir, dump_json, read_json
 
@@ -112,6 +115,7 @@ class Composer(nn.Module):
     gallery_field: Field = "embeds"
     reference_field: Field = "embeds"
     gallery_tokens: int | None = None  # with gallery_field "tokens": how many leading tokens it reads
+    reranks: ClassVar[bool] = False  # a second stage rescores the first stage's top K (rerank_topk)
 
     def __init__(self, backbone: Backbone, recipe: QueryRecipe):
         super().__init__()
@@ -136,6 +140,17 @@ class Composer(nn.Module):
     def transform_name(self) -> str:
         """The preprocessing as a feature-cache key part."""
         return f"{self.recipe.transform}-{self.recipe.target_ratio}-{self.backbone.image_size}"
+
+    def features(self, split: CIRSplit, *, ids: Sequence[str] | None = None, fields: Sequence[Field] | None = None,
+                 batch_size: int = 64, token_dtype: TokenDtype = "float16") -> FeatureSet:
+        """The cached image ``fields`` (default: the gallery and reference fields this composer reads)
+        of a split's images (``ids``; default: gallery and references), under the composer's own
+        backbone and preprocessing: the feature cache's key is the composer's, never rebuilt by hand."""
+        wanted = set(fields) if fields is not None else {self.gallery_field, self.reference_field}
+        return image_features(self.backbone, split, self.preprocess, self.transform_name(),
+                              ids=list(ids) if ids is not None else split_image_ids(split),
+                              embeds="embeds" in wanted, tokens="tokens" in wanted, batch_size=batch_size,
+                              token_dtype=token_dtype)
 
     def pixels(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
         """Decode (paths) and preprocess a list of images into a pixel batch."""
@@ -185,6 +200,14 @@ class Composer(nn.Module):
     def query_parameters(self) -> list[nn.Parameter]:
         """What a second stage (SPN) may train: the query side; the gallery side stays fixed."""
         raise NotImplementedError
+
+    def rerank_topk(self, tokens: Callable[[torch.Tensor], torch.Tensor], references: torch.Tensor,
+                    texts: Sequence[str], candidates: torch.Tensor, stage1: torch.Tensor) -> torch.Tensor:
+        """(Q, C) final scores of each query's top-C candidates. ``tokens(rows)`` gives image token rows
+        (the feature cache's, or images encoded on the spot); ``references`` (Q,) and ``candidates``
+        (Q, C) are such rows (-1 = padding, scored -inf); ``stage1`` (Q, C) the first stage's scores.
+        Evaluation and search both call this. A one-stage composer keeps ``stage1``: the identity."""
+        return stage1.masked_fill(candidates < 0, float("-inf"))
 
     # -- text helpers ---------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], forward: bool = True):

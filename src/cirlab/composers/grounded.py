@@ -16,7 +16,7 @@ Retrieval with Dual Multi-modal Encoder"; official code: Cuberick-Orion/Candidat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Callable, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,7 @@ class RerankComposer(Composer):
     another first stage its grounded path as pretraining left it, which the re-ranker adapts to."""
 
     kind = "rerank"
+    reranks = True
     heads = ("reranker",)
     gallery_field = "tokens"
     reference_field = "tokens"
@@ -107,7 +108,7 @@ class RerankComposer(Composer):
                  residual_scale: float | None = None, candidate_input: CandidateInput = "image",
                  beyond_k: BeyondK = "first-stage"):
         super().__init__(_blip(first.backbone, "rerank"), first.recipe)
-        if isinstance(first, RerankComposer):
+        if first.reranks:
             raise ValueError("a re-ranking model cannot be the first stage of another")
         if first.gallery_field == "tokens" and first.gallery_tokens != 1:
             raise ValueError(f"the rerank composer's first stage must read one gallery token, {first.kind} reads "
@@ -168,6 +169,20 @@ class RerankComposer(Composer):
             cand = candidate_tokens(candidates.to(self.device), references, self.candidate_input)
             scores = self.reranker.topk_scores(z_t, ids, mask, cand, chunk_size=self.chunk_size).float()
             return self.residual(scores, stage1)
+
+    @torch.no_grad()
+    def rerank_topk(self, tokens: Callable[[torch.Tensor], torch.Tensor], references: torch.Tensor,
+                    texts: Sequence[str], candidates: torch.Tensor, stage1: torch.Tensor) -> torch.Tensor:
+        """:meth:`rerank` over each query's candidates, ``chunk_size`` (query, candidate) pairs per call."""
+        per_call = max(1, self.chunk_size // max(1, candidates.shape[1]))
+        out = []
+        for s in range(0, len(texts), per_call):
+            cand = candidates[s:s + per_call]
+            refs = tokens(references[s:s + per_call])
+            cand_tokens = tokens(cand.clamp_min(0).reshape(-1)).view(*cand.shape, *refs.shape[1:])
+            scores = self.rerank(refs, list(texts[s:s + per_call]), cand_tokens, stage1[s:s + per_call])
+            out.append(scores.cpu().masked_fill(cand.cpu() < 0, float("-inf")))
+        return torch.cat(out) if out else stage1.new_empty(candidates.shape)
 
     def residual(self, scores: torch.Tensor, stage1: torch.Tensor | None) -> torch.Tensor:
         """The re-ranker's logits plus ``residual_scale`` x the stage-I cosines (if residual)."""

@@ -18,21 +18,21 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from cirlab.composers import Composer, RerankComposer, ZeroShotComposer
+from cirlab.composers import Composer, ZeroShotComposer
+from cirlab.composers.vectors import query_texts, similarity, split_features
 from cirlab.data.base import CIRSplit, Query
 from cirlab.data.registry import benchmark
-from cirlab.evaluation.protocols import (category_of, combine_splits, evaluate_similarity, index_split, protocol_for,
-                                         recall_at_depths)
+from cirlab.evaluation.protocols import (category_of, chance_levels, combine_splits, depths_within, evaluate_similarity,
+                                         index_split, protocol_for, recall_at_depths)
 from cirlab.evaluation.submission import rankings_from_similarity, write_submission
-from cirlab.retrieval.encode import TokenDtype, image_features, split_image_ids
-from cirlab.retrieval.feature_cache import FeatureSet
-from cirlab.retrieval.similarity import dot_similarity
+from cirlab.features.cache import FeatureSet
+from cirlab.features.encode import TokenDtype
 from cirlab.retrieval.topk import TopK, topk_from_similarity
-from cirlab.utils.progress import progress
 
 Rankings = tuple[dict[str, list[str]], dict[str, list[str]] | None]
+# R@K of a first stage at these depths: how much a top-K candidate list keeps for a re-ranker
+TOPK_DEPTHS = (10, 20, 50, 100, 200)
 
 
 @dataclass
@@ -81,68 +81,6 @@ def reversed_split(split: CIRSplit) -> CIRSplit:
     return dataclasses.replace(split, queries=queries, name=f"{split.name}/backward")
 
 
-def query_texts(composer: Composer, queries: Sequence[Query], forward: bool) -> tuple[list[tuple[str, ...]], bool]:
-    """Raw texts of the queries (one or more per query, see :meth:`QueryRecipe.query_texts`) and
-    the direction they are composed in. A backward query on the generator's exact reversed text
-    is a forward instruction from target to reference."""
-    if not forward and composer.recipe.backward_text == "reversed":
-        missing = [q.qid for q in queries if "caption_reversed" not in q.extra]
-        if missing:
-            raise ValueError(f"backward_text 'reversed' needs the shapes generator's reversed captions; "
-                             f"query {missing[0]} has none")
-        return [(q.extra["caption_reversed"],) for q in queries], True
-    return [composer.recipe.query_texts(q.captions) for q in queries], forward
-
-
-def split_features(composer: Composer, split: CIRSplit, *, batch_size: int = 64,
-                   extra_fields: Sequence[str] = (), token_dtype: TokenDtype = "float16") -> FeatureSet:
-    """The cached image fields the composer reads for the split's gallery and references."""
-    fields = {composer.gallery_field, composer.reference_field, *extra_fields}
-    return image_features(composer.backbone, split, composer.preprocess, composer.transform_name(),
-                          ids=split_image_ids(split), embeds="embeds" in fields, tokens="tokens" in fields,
-                          batch_size=batch_size, token_dtype=token_dtype)
-
-
-def _rows(feats: FeatureSet, name: str, ids: Sequence[str], leading: int | None = None) -> torch.Tensor:
-    table = feats[name] if leading is None else feats[name][:, :leading]
-    return table.index_select(0, torch.tensor([feats.index_of(i) for i in ids], dtype=torch.long)).float()
-
-
-@torch.no_grad()
-def gallery_vectors(composer: Composer, split: CIRSplit, feats: FeatureSet, batch_size: int = 256) -> torch.Tensor:
-    """(N, d) normalised gallery vectors of the split's gallery, in gallery order."""
-    out = []
-    for s in range(0, len(split.gallery), batch_size):
-        rows = _rows(feats, composer.gallery_field, split.gallery[s:s + batch_size], composer.gallery_tokens)
-        out.append(composer.gallery_vectors(rows))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def query_vectors(composer: Composer, split: CIRSplit, feats: FeatureSet, *, forward: bool = True,
-                  batch_size: int = 64) -> torch.Tensor:
-    """(Q, d) normalised query vectors of the split's queries."""
-    out = []
-    for s in progress(range(0, len(split.queries), batch_size), desc=f"queries {split.name}"):
-        chunk = split.queries[s:s + batch_size]
-        texts, direction = query_texts(composer, chunk, forward)
-        refs = _rows(feats, composer.reference_field, [q.reference for q in chunk])
-        n = {len(t) for t in texts}
-        if len(n) != 1:
-            raise ValueError(f"{split.name}: queries {chunk[0].qid}..{chunk[-1].qid} mix {sorted(n)} texts per query")
-        vectors = [composer.encode_queries(refs, [t[i] for t in texts], forward=direction) for i in range(n.pop())]
-        # several texts (FashionIQ's two orders): normalize((f1 + f2) / 2) of the normalised f1, f2
-        out.append(vectors[0] if len(vectors) == 1 else F.normalize(sum(vectors), dim=-1))
-    return torch.cat(out)
-
-
-def similarity(composer: Composer, split: CIRSplit, feats: FeatureSet, *, forward: bool = True,
-               batch_size: int = 64) -> torch.Tensor:
-    """(Q, N) query x gallery cosine similarities (fp32, on the CPU like the split's index tensors)."""
-    return dot_similarity(query_vectors(composer, split, feats, forward=forward, batch_size=batch_size),
-                          gallery_vectors(composer, split, feats)).cpu()
-
-
 def candidates_of(split: CIRSplit, sim: torch.Tensor, k: int) -> TopK:
     """Each query's top ``k`` gallery items by ``sim`` (its reference removed where the protocol says)."""
     exclude = None
@@ -153,25 +91,18 @@ def candidates_of(split: CIRSplit, sim: torch.Tensor, k: int) -> TopK:
                                 exclude=exclude, dataset=split.dataset, split=split.name)
 
 
-@torch.no_grad()
-def rerank_scores(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, candidates: torch.Tensor,
+def rerank_scores(composer: Composer, split: CIRSplit, feats: FeatureSet, candidates: torch.Tensor,
                   sim: torch.Tensor) -> torch.Tensor:
-    """(Q, C) re-ranking scores of each query against its candidate gallery indices (-1 = padding:
-    -inf); ``sim`` is the (Q, N) stage-I similarity (a residual re-ranker adds it)."""
-    per_call = max(1, composer.chunk_size // max(1, candidates.shape[1]))
-    tokens = feats["tokens"]
+    """(Q, C) scores of each query against its candidate gallery indices (-1 = padding: -inf) by the
+    composer's :meth:`~cirlab.composers.Composer.rerank_topk` over the cached tokens; ``sim`` is the
+    (Q, N) stage-I similarity (a residual re-ranker adds it)."""
+    table = feats["tokens"]
     gallery_rows = torch.tensor([feats.index_of(i) for i in split.gallery], dtype=torch.long)
-    out = []
-    for s in range(0, len(split.queries), per_call):
-        chunk = split.queries[s:s + per_call]
-        cand = candidates[s:s + per_call]
-        texts = _single_texts(composer, chunk)
-        refs = _rows(feats, "tokens", [q.reference for q in chunk])
-        cand_tokens = tokens.index_select(0, gallery_rows[cand.clamp_min(0)].reshape(-1)).float()
-        stage1 = sim[s:s + per_call].gather(1, cand.clamp_min(0))
-        scores = composer.rerank(refs, texts, cand_tokens.view(*cand.shape, *tokens.shape[1:]), stage1)
-        out.append(scores.cpu().masked_fill(cand < 0, float("-inf")))
-    return torch.cat(out)
+    references = torch.tensor([feats.index_of(q.reference) for q in split.queries], dtype=torch.long)
+    rows = torch.where(candidates >= 0, gallery_rows[candidates.clamp_min(0)], -1)
+    stage1 = sim.gather(1, candidates.clamp_min(0))
+    return composer.rerank_topk(lambda r: table.index_select(0, r).float(), references,
+                                _single_texts(composer, split.queries), rows, stage1)
 
 
 def _single_texts(composer: Composer, queries: Sequence[Query]) -> list[str]:
@@ -206,7 +137,7 @@ def _subset_members(split: CIRSplit) -> torch.Tensor | None:
     return members
 
 
-def rerank_rows(composer: RerankComposer, split: CIRSplit, feats: FeatureSet, sim: torch.Tensor,
+def rerank_rows(composer: Composer, split: CIRSplit, feats: FeatureSet, sim: torch.Tensor,
                 ks: Sequence[int], fusion_weight: float | None = None
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, int]]:
     """``{row: (similarity, subset similarity, K)}`` for ``rerank@K`` at each K (and ``+fusion``:
@@ -251,20 +182,57 @@ class Row:
 Rows = dict[str, Row]
 
 
+def row_names(composer: Composer, split: CIRSplit, *, rerank_ks: Sequence[int] | None = None,
+              fusion_weight: float | None = None) -> list[str]:
+    """The rows :func:`split_rows` gives on ``split``, in order: a re-ranking composer's ``stage1``
+    and ``rerank@K`` (``+fusion``) rows; else the composer's own row, and on a benchmark with
+    backward rows (shapes) a bidirectional composer's ``backward`` and ``backward image-only``."""
+    if composer.reranks:
+        ks = sorted(set(rerank_ks or [composer.k]))
+        suffixes = [""] + (["+fusion"] if fusion_weight is not None else [])
+        return ["stage1", *(f"rerank@{k}{suffix}" for suffix in suffixes for k in ks)]
+    names = [composer.name]
+    if composer.bidirectional and benchmark(split.dataset).backward_rows and split.has_targets:
+        names += ["backward", "backward image-only"]
+    return names
+
+
+def metric_names(composer: Composer, splits: Sequence[CIRSplit], *, topk_depths: Sequence[int] | None = None,
+                 rerank_ks: Sequence[int] | None = None, fusion_weight: float | None = None) -> list[str]:
+    """The names of :meth:`Evaluation.flat` (primary: the composer's row) that
+    :func:`evaluate_composer` reports on ``splits`` with these options: what a training stage's
+    validation logs and ``trainer.select_metric`` may name, known before any model is run."""
+    per_row = list(combine_splits(splits, [chance_levels(s) for s in splits]))
+    rows = row_names(composer, splits[0], rerank_ks=rerank_ks, fusion_weight=fusion_weight)
+    names = []
+    for row in rows:
+        metrics = list(per_row)
+        if topk_depths and row == rows[0]:
+            per_category = protocol_for(splits[0]).per_category
+            metrics += [f"{category_of(s)}/R@{k}" if per_category else f"R@{k}"
+                        for s in splits for k in depths_within(s, topk_depths)]
+        prefix = "" if row == composer.name else f"{row}/"
+        names += [prefix + m for m in metrics]
+    return list(dict.fromkeys(names))
+
+
 def split_rows(composer: Composer, split: CIRSplit, *, batch_size: int = 64, rerank_ks: Sequence[int] | None = None,
                fusion_weight: float | None = None, beyond_k: str | None = None,
                extra_fields: Sequence[str] = (), token_dtype: TokenDtype = "float16") -> Rows:
     """Every :class:`Row` of one split; ``beyond_k``: a re-ranking composer's rule below its top K
     (default: its own, see :class:`~cirlab.composers.RerankComposer`)."""
+    names = row_names(composer, split, rerank_ks=rerank_ks, fusion_weight=fusion_weight)
     feats = split_features(composer, split, batch_size=batch_size, extra_fields=extra_fields, token_dtype=token_dtype)
     sim = similarity(composer, split, feats, batch_size=batch_size)
-    if isinstance(composer, RerankComposer):
+    rows: Rows = {names[0]: Row(split, sim)}
+    if composer.reranks:
         reranked = rerank_rows(composer, split, feats, sim, rerank_ks or [composer.k], fusion_weight)
         official = (beyond_k or composer.beyond_k) == "official"
-        return {"stage1": Row(split, sim), **{row: Row(split, s, subset, k if official else None)
-                                             for row, (s, subset, k) in reranked.items()}}
-    rows: Rows = {composer.name: Row(split, sim)}
-    if composer.bidirectional and benchmark(split.dataset).backward_rows and split.has_targets:
+        for row in names[1:]:
+            s, subset, k = reranked[row]
+            rows[row] = Row(split, s, subset, k if official else None)
+        return rows
+    if "backward" in names:
         back = reversed_split(split)
         back_feats = split_features(composer, back, batch_size=batch_size, extra_fields=extra_fields,
                                     token_dtype=token_dtype)
@@ -290,7 +258,7 @@ def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_s
     the ceiling of a re-ranker of it); ``topk_k``: keep each split's top-K candidate list of the
     first row (written by ``cirlab eval`` as the stage-I top-K file); ``extra_fields``: cache these
     image fields too, so that several composers on one backbone share one cache entry;
-    ``token_dtype``: the storage of cached token sequences (see :func:`~cirlab.retrieval.encode.image_features`);
+    ``token_dtype``: the storage of cached token sequences (see :func:`~cirlab.features.encode.image_features`);
     ``beyond_k``: a re-ranking composer's rule below its top K (default: its own)."""
     splits = [first_queries(s, max_queries) for s in splits]
     result = Evaluation(splits)

@@ -159,9 +159,15 @@ def recall_at_depths(split: CIRSplit, sim: Tensor, ks: Sequence[int]) -> dict[st
     list keeps, which bounds what a re-ranker of that list can reach. Depths beyond the
     gallery are left out."""
     index = index_split(split)
-    depth = min(max(ks), sim.shape[1] - int(split.exclude_reference))
-    hits = hits_from_ranking(rank_gallery(sim, depth, index.exclude), index.positives)
-    return {f"R@{k}": v for k, v in recall_at_k(hits, [k for k in ks if k <= depth]).items()}
+    kept = depths_within(split, ks)
+    hits = hits_from_ranking(rank_gallery(sim, max(kept), index.exclude), index.positives) if kept else None
+    return {f"R@{k}": v for k, v in recall_at_k(hits, kept).items()} if kept else {}
+
+
+def depths_within(split: CIRSplit, ks: Sequence[int]) -> list[int]:
+    """The depths of ``ks`` that a ranking of the split's gallery can reach (its reference deleted)."""
+    depth = min(max(ks), len(split.gallery) - int(split.exclude_reference))
+    return [k for k in ks if k <= depth]
 
 
 def _ranking_from_ids(split: CIRSplit, index: SplitIndex, ranked: Mapping[str, Sequence[str]],

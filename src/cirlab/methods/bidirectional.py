@@ -32,12 +32,12 @@ from cirlab.composers import BACKWARD, FORWARD, CombinerComposer, SumComposer, w
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.base import Query
 from cirlab.data.torch_data import FeatureTriplets, default_text, training_forms
-from cirlab.methods.common import (Stage, composer_stage, diagonal_ce, image_table, recipe_of,
+from cirlab.methods.common import (Stage, composer_stage, image_table, recipe_of,
                                    stage_backbone, training_splits, triplet_ids)
 from cirlab.methods.stages import register_stage
 from cirlab.models import Backbone, BlipBackbone, add_tokens
 from cirlab.models.combiner import Combiner
-from cirlab.training.losses import info_nce, reversed_sum_logits
+from cirlab.training.losses import diagonal_ce, info_nce, reversed_sum_logits
 from cirlab.utils.progress import progress
 
 
@@ -196,11 +196,12 @@ def _training_draw(query: Query) -> str:
     return default_text(query, True)  # FashionIQ: a random form; the backward one is an independent draw
 
 
-def _training_data(cfg: ExperimentConfig, backbone: Backbone):
-    """The training splits, their cached image embeddings (rows by id) and the triplet dataset."""
+def _training_data(cfg: ExperimentConfig, composer: SumComposer):
+    """The training splits, the cached image embeddings (rows by id) of the stage's composer and the
+    triplet dataset."""
     bcfg = cfg.method
     train_splits = training_splits(cfg)
-    table, rows = image_table(backbone, train_splits, cfg, triplet_ids)
+    table, rows = image_table(composer, train_splits, cfg, triplet_ids)
     embeds = table["embeds"]
     back = (lambda q: backward_query_text(q, bcfg, _training_draw)) if bcfg.reverse_weight > 0 else None
     forward = lambda q: with_direction(_training_draw(q), True, bcfg.direction)  # noqa: E731
@@ -213,8 +214,8 @@ def _training_data(cfg: ExperimentConfig, backbone: Backbone):
 def build_text(cfg: ExperimentConfig) -> Stage:
     """Stage I: the text encoder trains with forward and reversed queries over cached image embeddings."""
     backbone = prepare_backbone(stage_backbone(cfg, "method bidirectional"), cfg.method)
-    _, embeds, train_data = _training_data(cfg, backbone)
     recipe = recipe_of(cfg, cfg.method)
+    _, embeds, train_data = _training_data(cfg, SumComposer(backbone, recipe))
     model = TextStage(backbone, embeds, cfg.method, lr=cfg.trainer.optimizer.lr)
     return composer_stage(cfg, model, train_data, lambda m: SumComposer(m.backbone, recipe),
                           param_groups=model.param_groups())
@@ -225,8 +226,9 @@ def build_combiner(cfg: ExperimentConfig) -> Stage:
     """Stage II: the Combiner over the frozen stage-I backbone's image and text features."""
     bcfg = cfg.method
     backbone = prepare_backbone(stage_backbone(cfg, "method bidirectional"), bcfg)
-    train_splits, embeds, train_data = _training_data(cfg, backbone)
     recipe = recipe_of(cfg, bcfg)
+    # the Combiner's image side is stage I's: the same cached embeddings as the sum composer's
+    train_splits, embeds, train_data = _training_data(cfg, SumComposer(backbone, recipe))
     backbone.requires_grad_(False)
     texts = list(dict.fromkeys(t for s in train_splits for q in s.queries for t in training_texts(q, bcfg)))
     feats = encode_texts(backbone, texts, batch_size=bcfg.encode_batch_size, max_length=bcfg.max_text_length,

@@ -1,14 +1,13 @@
-"""What several methods share: the stage they hand to ``cirlab train``, their splits, the cached
-image-feature table, in-batch CE."""
+"""What several methods share: the stage they hand to ``cirlab train``, their splits and backbones,
+the cached image-feature table."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from pydantic import BaseModel
 from torch import nn
@@ -18,10 +17,8 @@ from cirlab.composers import Composer, QueryRecipe
 from cirlab.config import ExperimentConfig
 from cirlab.data.base import CIRSplit
 from cirlab.data.registry import benchmark, extend_split, load_splits
-from cirlab.data.transforms import build_transform
-from cirlab.evaluation.protocols import category_of, chance_levels, combine_splits, protocol_for
+from cirlab.evaluation.evaluate import evaluate_composer, metric_names
 from cirlab.models import Backbone, load_backbone
-from cirlab.retrieval.encode import image_features
 
 
 @dataclass
@@ -44,16 +41,8 @@ def composer_stage(cfg: ExperimentConfig, model: nn.Module, train_data: Dataset,
                    **eval_options: Any) -> Stage:
     """A stage whose trained model is a composer: validation and export both go through it
     (:func:`cirlab.evaluation.evaluate.evaluate_composer`, :meth:`Composer.save`)."""
-    from cirlab.evaluation.evaluate import evaluate_composer
-
     val_splits = method_splits(cfg, cfg.data.val_split)
-    probe = to_composer(model)
-    names = list(combine_splits(val_splits, [chance_levels(s) for s in val_splits]))
-    if eval_options.get("topk_depths"):
-        prefixes = [f"{category_of(s)}/" for s in val_splits] if protocol_for(val_splits[0]).per_category else [""]
-        names += [f"{p}R@{k}" for p in prefixes for k in eval_options["topk_depths"]]
-    if probe.bidirectional and benchmark(cfg.data.dataset).backward_rows:
-        names += [f"backward/{n}" for n in names]
+    names = metric_names(to_composer(model), val_splits, topk_depths=eval_options.get("topk_depths"))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         composer = to_composer(m)
@@ -64,7 +53,7 @@ def composer_stage(cfg: ExperimentConfig, model: nn.Module, train_data: Dataset,
     def export(m: nn.Module, folder: Path, provenance: dict[str, Any]) -> Path:
         return to_composer(m).save(folder, provenance)
 
-    return Stage(model, train_data, evaluate, list(dict.fromkeys(names)), export, param_groups)
+    return Stage(model, train_data, evaluate, names, export, param_groups)
 
 
 def recipe_of(cfg: ExperimentConfig, mcfg: BaseModel) -> QueryRecipe:
@@ -74,13 +63,6 @@ def recipe_of(cfg: ExperimentConfig, mcfg: BaseModel) -> QueryRecipe:
                        backward_target=getattr(mcfg, "reversed_target", "normalized"),
                        max_text_length=mcfg.max_text_length, transform=cfg.data.transform,
                        target_ratio=cfg.data.target_ratio)
-
-
-def with_recipe_images(cfg: ExperimentConfig, composer: Composer) -> ExperimentConfig:
-    """``cfg`` with the image preprocessing of ``composer``, so cached features match its own."""
-    data = cfg.data.model_copy(update={"transform": composer.recipe.transform,
-                                       "target_ratio": composer.recipe.target_ratio})
-    return cfg.model_copy(update={"data": data})
 
 
 def backbone_folder(path: str | Path) -> Path:
@@ -167,40 +149,23 @@ class RowTable:
         return out.reshape(*index.shape, *self.row_shape).to(device)
 
 
-def image_table(backbone: Backbone, splits: list[CIRSplit], cfg: ExperimentConfig,
+def image_table(composer: Composer, splits: list[CIRSplit], cfg: ExperimentConfig,
                 ids_of: Callable[[CIRSplit], list[str]] | None = None,
                 tokens: bool = False) -> tuple[dict[str, torch.Tensor | RowTable], dict[str, int]]:
     """``({"embeds": (N, d)}, id -> row)`` of the images the splits need, or with ``tokens``
-    ``({"tokens": RowTable (N, L, h)}, ...)`` over the memory-mapped cache files, through the
-    feature cache (each image encoded once per image tower and preprocessing)."""
-    transform = build_transform(cfg.data.transform, backbone.image_size, cfg.data.target_ratio)
-    name = f"{cfg.data.transform}-{cfg.data.target_ratio}-{backbone.image_size}"
-    fields = ["tokens"] if tokens else ["embeds"]
-    parts: dict[str, list[torch.Tensor]] = {f: [] for f in fields}
+    ``({"tokens": RowTable (N, L, h)}, ...)`` over the memory-mapped cache files: the composer's own
+    cached features (:meth:`Composer.features`: its backbone and preprocessing, each image encoded once)."""
+    field_ = "tokens" if tokens else "embeds"
+    parts: list[torch.Tensor] = []
     rows: dict[str, int] = {}
     offset = 0
     for split in splits:
-        feats = image_features(backbone, split, transform, name, ids=ids_of(split) if ids_of else None,
-                               tokens=tokens, embeds=not tokens, batch_size=cfg.evaluation.batch_size,
-                               token_dtype=cfg.data.token_dtype)
+        feats = composer.features(split, ids=ids_of(split) if ids_of else None, fields=[field_],
+                                  batch_size=cfg.evaluation.batch_size, token_dtype=cfg.data.token_dtype)
         for k, i in enumerate(feats.ids):
             rows.setdefault(i, offset + k)
-        for f in fields:
-            parts[f].append(feats[f])
+        parts.append(feats[field_])
         offset += len(feats)
     if tokens:
-        return {"tokens": RowTable(parts["tokens"])}, rows
-    return {"embeds": torch.cat(parts["embeds"]).float()}, rows
-
-
-def diagonal_ce(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of a (B, B) in-batch score matrix whose positives lie on the diagonal.
-
-    ``rows`` (B,): the image row of each column's positive; a column showing the same image as
-    the diagonal one is left out of that row's softmax (it is not a negative: the paired sampler
-    puts two queries with the same reference in a batch)."""
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    if rows is not None:
-        same = (rows[:, None] == rows[None, :]) & (labels[:, None] != labels[None, :])
-        logits = logits.masked_fill(same.to(logits.device), float("-inf"))
-    return F.cross_entropy(logits, labels)
+        return {"tokens": RowTable(parts)}, rows
+    return {"embeds": torch.cat(parts).float()}, rows

@@ -27,7 +27,7 @@ from cirlab.methods.common import Stage, stage_backbone
 from cirlab.methods.stages import register_stage
 from cirlab.models import (Backbone, BlipBackbone, build_small_blip, build_small_clip, init_text_from_minilm,
                            load_backbone, save_backbone)
-from cirlab.retrieval.similarity import dot_similarity
+from cirlab.features.similarity import dot_similarity
 from cirlab.utils.io import read_json
 
 

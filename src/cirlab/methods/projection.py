@@ -227,7 +227,7 @@ def build_phi(cfg: ExperimentConfig) -> Stage:
     phi = Phi("pic2word" if pcfg.style == "pic2word" else "searle", backbone.embed_dim, backbone.token_dim)
     composer = ProjectionComposer(backbone, recipe, phi)
     if pcfg.style == "pic2word":
-        table, rows = image_table(backbone, training_splits(cfg), cfg)
+        table, rows = image_table(composer, training_splits(cfg), cfg)
         model = PhiStage(composer, pcfg, table["embeds"])
         data = Items([{"row": r} for r in sorted(set(rows.values()))])
     else:

@@ -37,13 +37,14 @@ from cirlab.composers import Composer, GroundedComposer, RerankComposer, load
 from cirlab.composers.grounded import BeyondK, CandidateInput, candidate_tokens, grounded_states
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.torch_data import FeatureTriplets, default_text
-from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, diagonal_ce, image_table,
-                                   recipe_of, stage_backbone, training_splits, triplet_ids,
-                                   with_recipe_images)
+from cirlab.evaluation.evaluate import TOPK_DEPTHS
+from cirlab.methods.common import (RowTable, Stage, backbone_folder, composer_stage, image_table,
+                                   recipe_of, stage_backbone, training_splits, triplet_ids)
 from cirlab.methods.stages import register_stage
 from cirlab.models import Backbone, BlipBackbone, load_backbone
 from cirlab.models.dual_encoder import DualEncoderReranker
 from cirlab.training import distributed
+from cirlab.training.losses import diagonal_ce
 
 
 class RerankConfig(Strict):
@@ -57,7 +58,7 @@ class FilterConfig(RerankConfig):
     temperature: float = Field(0.07, gt=0, description="initial value of the learnable temperature")
     train_vision_proj: bool = Field(True, description="false: the gallery side stays frozen, as in the official "
                                     "stage I; true: vision_proj trains with the text side (docs/methods/rerank.md)")
-    topk_depths: list[int] = Field([10, 20, 50, 100, 200], description="validation: R@K at these K")
+    topk_depths: list[int] = Field(list(TOPK_DEPTHS), description="validation: R@K at these K")
 
 
 class RerankerConfig(RerankConfig):
@@ -260,16 +261,17 @@ def first_stage(cfg: ExperimentConfig) -> Composer:
     on a BLIP backbone), or the untrained grounded filter of a bare BLIP backbone folder."""
     if cfg.model.backbone and (Path(cfg.model.backbone) / "composer.json").is_file():
         first = load(cfg.model.backbone)
-        if isinstance(first, RerankComposer):
+        if first.reranks:
             raise ValueError(f"method rerank: {cfg.model.backbone} is a re-ranking model already; give its first stage")
         _filter_backbone(first.backbone)
         return first
     return GroundedComposer(_filter_backbone(stage_backbone(cfg, "method rerank")), recipe_of(cfg, cfg.method))
 
 
-def _triplets(cfg: ExperimentConfig, backbone: Backbone):
+def _triplets(cfg: ExperimentConfig, composer: Composer):
+    """The cached image tokens of the training triplets (the composer's preprocessing) and their dataset."""
     splits = training_splits(cfg)
-    table, rows = image_table(backbone, splits, cfg, triplet_ids, tokens=True)
+    table, rows = image_table(composer, splits, cfg, triplet_ids, tokens=True)
     text = lambda q: default_text(q, True)  # noqa: E731
     datasets = [FeatureTriplets(s, rows, text) for s in splits]
     return table["tokens"], (datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets))
@@ -280,8 +282,8 @@ def build_filter(cfg: ExperimentConfig) -> Stage:
     """Stage I: the grounded filter over cached image tokens."""
     rcfg = cfg.method
     backbone = _filter_backbone(stage_backbone(cfg, "method rerank"))
-    tokens, train_data = _triplets(cfg, backbone)
     recipe = recipe_of(cfg, rcfg)
+    tokens, train_data = _triplets(cfg, GroundedComposer(backbone, recipe))
     return composer_stage(cfg, FilterStage(backbone, tokens, rcfg), train_data,
                           lambda m: GroundedComposer(m.backbone, recipe),
                           topk_depths=rcfg.topk_depths, max_queries=rcfg.eval_queries)
@@ -293,7 +295,7 @@ def build_reranker(cfg: ExperimentConfig) -> Stage:
     rcfg = cfg.method
     first = first_stage(cfg)
     backbone = first.backbone
-    tokens, train_data = _triplets(with_recipe_images(cfg, first), backbone)
+    tokens, train_data = _triplets(cfg, first)
     init = load_backbone(backbone_folder(rcfg.reranker_init), kind="blip") if rcfg.reranker_init else backbone
     reranker = DualEncoderReranker.from_text_encoder(_filter_backbone(init).text_encoder,
                                                      enc_token_id=backbone.enc_token_id, merge=rcfg.merge)

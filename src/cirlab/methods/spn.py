@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from cirlab.composers import Composer, RerankComposer, load
+from cirlab.composers import Composer, load
 from cirlab.composers.base import evaluating
 from cirlab.config import ExperimentConfig, Strict
 from cirlab.data.base import CIRSplit
@@ -45,7 +45,7 @@ from cirlab.data.dedup import duplicate_map
 from cirlab.data.registry import benchmark
 from cirlab.data.torch_data import FeatureTriplets, default_text
 from cirlab.methods.common import (RowTable, Stage, composer_stage, image_table, method_splits,
-                                   training_splits, triplet_ids, with_recipe_images)
+                                   training_splits, triplet_ids)
 from cirlab.methods.stages import register_stage
 from cirlab.utils.io import atomic_write_json
 
@@ -94,7 +94,7 @@ def base_composer(cfg: ExperimentConfig) -> Composer:
         raise ValueError(f"method spn: model.backbone must be a model folder (a composer.json inside) or a "
                          f"backbone folder, got {cfg.model.backbone!r}")
     composer = load(cfg.model.backbone)
-    if isinstance(composer, RerankComposer):
+    if composer.reranks:
         raise ValueError(f"method spn: {cfg.model.backbone} is a re-ranking model; SPN trains a first stage, "
                          "so give its filter model and re-rank after SPN")
     if not composer.query_parameters():
@@ -106,7 +106,7 @@ def base_composer(cfg: ExperimentConfig) -> Composer:
 def _feature_table(composer: Composer, splits: list[CIRSplit], cfg: ExperimentConfig,
                    ids_of) -> tuple[torch.Tensor | RowTable, dict[str, int]]:
     tokens = "tokens" in (composer.gallery_field, composer.reference_field)
-    table, rows = image_table(composer.backbone, splits, with_recipe_images(cfg, composer), ids_of, tokens=tokens)
+    table, rows = image_table(composer, splits, cfg, ids_of, tokens=tokens)
     return table["tokens" if tokens else "embeds"], rows
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -20,6 +19,7 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     PreTrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -29,16 +29,24 @@ from .blip import BlipBackbone, SmallBlipConfig, SmallBlipForImageTextRetrieval
 from .clip import ClipBackbone, SmallClipConfig, SmallClipModel
 from .tokenizer import ensure_blip_tokens, load_tokenizer, minilm_path, minilm_tokenizer
 
-Kind = Literal["blip", "clip"]
+Kind = str  # a registered adapter's kind: "blip", "clip", or one added with register_backbone
 
 # model_type in config.json -> (kind, HF model class); the adapter class follows from the kind.
-MODEL_TYPES = {
-    "blip": ("blip", BlipForImageTextRetrieval),
-    "cirlab_blip": ("blip", SmallBlipForImageTextRetrieval),
-    "clip": ("clip", CLIPModel),
-    "cirlab_clip": ("clip", SmallClipModel),
-}
-ADAPTERS: dict[str, type[Backbone]] = {"blip": BlipBackbone, "clip": ClipBackbone}
+MODEL_TYPES: dict[str, tuple[str, type[PreTrainedModel]]] = {}
+ADAPTERS: dict[str, type[Backbone]] = {}
+
+
+def register_backbone(adapter: type[Backbone], model_types: dict[str, type[PreTrainedModel]]) -> type[Backbone]:
+    """Make folders whose config.json names one of ``model_types`` load as ``adapter`` (a
+    :class:`Backbone` subclass; its ``kind`` names it in configs, ``model.kind``)."""
+    ADAPTERS[adapter.kind] = adapter
+    for model_type, model_cls in model_types.items():
+        MODEL_TYPES[model_type] = (adapter.kind, model_cls)
+    return adapter
+
+
+register_backbone(BlipBackbone, {"blip": BlipForImageTextRetrieval, "cirlab_blip": SmallBlipForImageTextRetrieval})
+register_backbone(ClipBackbone, {"clip": CLIPModel, "cirlab_clip": SmallClipModel})
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_HINT = "tokenizer_config.json plus tokenizer.json, vocab.txt (WordPiece) or vocab.json + merges.txt (BPE)"

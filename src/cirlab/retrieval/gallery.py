@@ -1,7 +1,7 @@
 """A gallery to index (a folder of images or a benchmark split) and its vectors under a composer.
 
-Vectors are computed exactly as evaluation computes them (:func:`cirlab.evaluation.evaluate.gallery_vectors`
-over the feature cache), so an exact index ranks as ``cirlab eval`` does. Under ``torchrun``
+Vectors are computed exactly as evaluation computes them (:func:`cirlab.composers.vectors.gallery_vectors`
+over the composer's cached features), so an exact index ranks as ``cirlab eval`` does. Under ``torchrun``
 each rank encodes one contiguous slice and rank 0 merges the slices in gallery order.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cirlab.composers import Composer
+from cirlab.composers.vectors import gallery_vectors
 from cirlab.data.base import CIRSplit, PathTable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -50,15 +51,10 @@ def gallery_paths(split: CIRSplit) -> dict[str, str]:
 
 def encode_split_gallery(composer: Composer, split: CIRSplit, *, batch_size: int = 64) -> np.ndarray:
     """(N, d) float32 gallery vectors of ``split.gallery`` in order; sharded under torchrun."""
-    from cirlab.evaluation.evaluate import gallery_vectors
-    from cirlab.retrieval.encode import image_features
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         return _sharded(composer, split, rank, world, batch_size)
-    feats = image_features(composer.backbone, split, composer.preprocess, composer.transform_name(),
-                           ids=list(split.gallery), embeds=composer.gallery_field == "embeds",
-                           tokens=composer.gallery_field == "tokens", batch_size=batch_size)
+    feats = composer.features(split, ids=list(split.gallery), fields=[composer.gallery_field], batch_size=batch_size)
     return gallery_vectors(composer, split, feats).cpu().numpy().astype(np.float32)
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from cirlab.composers import Composer, RerankComposer, load
+from cirlab.composers import Composer, load
 from cirlab.data.images import load_image
 from cirlab.retrieval.index import Hit, VectorIndex, check_model, load_index
 
@@ -51,7 +51,7 @@ class Searcher:
 
     @property
     def can_rerank(self) -> bool:
-        return isinstance(self.composer, RerankComposer)
+        return self.composer.reranks
 
     def image_path(self, image_id: str) -> Path:
         if image_id not in self.index:
@@ -84,12 +84,14 @@ class Searcher:
         return [h[:k] for h in hits]
 
     def _rerank(self, image: Image.Image, text: str, hits: list[Hit]) -> list[Hit]:
-        """The hits re-scored by the re-ranker (residual: plus its stage-I cosine), best first."""
+        """The hits re-scored by the composer's second stage (:meth:`Composer.rerank_topk`, as
+        evaluation calls it), best first: token rows 0 (the reference) and 1.. (the hits)."""
         if not hits:
             return hits
-        composer: RerankComposer = self.composer  # type: ignore[assignment]
-        ref = composer.image_features([image], ["tokens"])["tokens"]
-        cand = composer.image_features([self.image_path(h.id) for h in hits], ["tokens"])["tokens"]
+        ref = self.composer.image_features([image], ["tokens"])["tokens"]
+        cand = self.composer.image_features([self.image_path(h.id) for h in hits], ["tokens"])["tokens"]
+        table = torch.cat([ref, cand])
         stage1 = torch.tensor([[h.score for h in hits]])
-        scores = composer.rerank(ref, [text], cand[None], stage1)[0].tolist()
+        scores = self.composer.rerank_topk(lambda rows: table[rows.to(table.device)], torch.tensor([0]), [text],
+                                           torch.arange(1, len(hits) + 1)[None], stage1)[0].tolist()
         return sorted((Hit(h.id, s) for h, s in zip(hits, scores)), key=lambda h: -h.score)

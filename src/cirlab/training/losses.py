@@ -79,3 +79,16 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float = 0.07) -> torch.Tensor
     logits = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
     return F.cross_entropy(logits, positives)
+
+
+def diagonal_ce(logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of a (B, B) in-batch score matrix whose positives lie on the diagonal.
+
+    ``rows`` (B,): the image row of each column's positive; a column showing the same image as
+    the diagonal one is left out of that row's softmax (it is not a negative: the paired sampler
+    puts two queries with the same reference in a batch)."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    if rows is not None:
+        same = (rows[:, None] == rows[None, :]) & (labels[:, None] != labels[None, :])
+        logits = logits.masked_fill(same.to(logits.device), float("-inf"))
+    return F.cross_entropy(logits, labels)

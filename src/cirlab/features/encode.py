@@ -18,7 +18,7 @@ import torch
 
 from cirlab.data.base import CIRSplit
 from cirlab.data.images import decode_image
-from cirlab.retrieval.feature_cache import FeatureSet, cached_features
+from cirlab.features.cache import FeatureSet, cached_features
 from cirlab.utils.io import dump_json
 
 
