@@ -51,7 +51,7 @@ def main() -> None:
     print(f"| validate + map (later evaluations) | {times[1]:.3f} |")
     print(f"| speed-up | {times[0] / times[1]:.0f}x |")
 
-    # every zero-shot mode, as `cirlab eval --config configs/eval/shapes_zeroshot_blip.yaml` runs them
+    # every zero-shot mode, as `cirlab eval --config configs/zeroshot/shapes_zeroshot_blip.yaml` runs them
     modes = [m for m in MODES if tokens or m != "grounded"]
     composers = [ZeroShotComposer(backbone, QueryRecipe(), mode) for mode in modes]
 

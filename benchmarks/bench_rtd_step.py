@@ -1,6 +1,6 @@
 """RTD's training step at CLIP ViT-L/14 text-encoder size, on the CPU: seconds per step and peak memory.
 
-The step is the one ``cirlab train`` runs for ``method.stage: rtd``: the frozen anchor encodes the
+The step is the one ``cirlab train`` runs for ``method.name: rtd``: the frozen anchor encodes the
 target and reference captions, Phi (frozen) maps the reference caption embedding plus noise to the
 pseudo-word, the trainable copy encodes "a photo of $ that {c}" and "a photo of $", then NT-Xent
 over the 4B vectors, backward, and AdamW (lr 1e-5, wd 0.01) on the text encoder and its

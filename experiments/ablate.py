@@ -246,7 +246,7 @@ def rerank(args: argparse.Namespace) -> Table:
 
 def rtd(args: argparse.Namespace) -> Table:
     table = Table()
-    zs = run_eval(args.out / "eval-zeroshot", ["--config", str(CONFIG_ROOT / "eval" / "shapes_zeroshot_clip.yaml"),
+    zs = run_eval(args.out / "eval-zeroshot", ["--config", str(CONFIG_ROOT / "zeroshot" / "shapes_zeroshot_clip.yaml"),
                                                "--set", f"data.root={args.data}", "--set",
                                                f"model.backbone={args.backbone}"])
     for seed in args.seeds:

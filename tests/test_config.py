@@ -80,6 +80,22 @@ def test_method_sections_are_typed_per_stage_with_resolved_defaults(tmp_path):
     run.unlock()
 
 
+def test_earlier_spellings_are_refused_naming_the_current_one():
+    """RTD is its own method and the zero-shot configs live under configs/zeroshot: the old
+    section and the old paths fail with the new ones named, not with a bare 'not found'."""
+    from cirlab.cli import main
+    from cirlab.methods.projection import RtdConfig
+
+    assert isinstance(load_config(CONFIG_ROOT / "rtd" / "shapes_rtd.yaml").method, RtdConfig)
+    with pytest.raises(ValueError, match=r"method: projection, stage rtd is now method: \{name: rtd\}"):
+        load_config(CONFIG_ROOT / "rtd" / "shapes_rtd.yaml", ["method.name=projection", "method.stage=rtd"])
+    with pytest.raises(FileNotFoundError, match=r"moved to configs/zeroshot/shapes_zeroshot_blip\.yaml"):
+        load_config("configs/eval/shapes_zeroshot_blip.yaml")
+    with pytest.raises(FileNotFoundError, match=r"moved to configs/rtd/cirr_rtd\.yaml"):
+        load_config(CONFIG_ROOT / "projection" / "cirr_rtd.yaml")
+    assert main(["eval", "--config", "configs/eval/shapes_zeroshot_clip.yaml"]) == 2  # a sentence, exit 2
+
+
 def test_shipped_shapes_configs_point_where_the_demo_writes():
     """After `make demo`, `cirlab train --config configs/.../shapes_*.yaml` runs as written."""
     import inspect
@@ -89,7 +105,7 @@ def test_shipped_shapes_configs_point_where_the_demo_writes():
     source = inspect.getsource(demo)
     out = "runs/demo"
     assert '"runs/demo"' in source and 'args.out / "shapes"' in source
-    for group, name in (("bidirectional", "shapes_text"), ("rerank", "shapes_filter"), ("eval", "shapes_zeroshot_blip")):
+    for group, name in (("bidirectional", "shapes_text"), ("rerank", "shapes_filter"), ("zeroshot", "shapes_zeroshot_blip")):
         cfg = load_config(CONFIG_ROOT / group / f"{name}.yaml")
         assert cfg.data.root == f"{out}/shapes" and cfg.model.backbone == f"{out}/pretrain-blip/backbone"
     assert load_config(CONFIG_ROOT / "bidirectional" / "shapes_combiner.yaml").model.backbone == f"{out}/bi-text/model"
@@ -108,7 +124,7 @@ def test_demo_overrides_are_valid_fields_of_their_configs():
     configs = {"pretrain": ("pretrain", "shapes_blip"), "bi-text": ("bidirectional", "shapes_text"),
                "bi-combiner": ("bidirectional", "shapes_combiner"),
                "rerank-reranker": ("rerank", "shapes_reranker"), "spn-bank": ("spn", "shapes_bank"),
-               "pic2word": ("projection", "shapes_pic2word"), "rtd": ("projection", "shapes_rtd")}
+               "pic2word": ("projection", "shapes_pic2word"), "rtd": ("rtd", "shapes_rtd")}
     for overrides in (demo.QUICK, demo.DEMO):
         for stage, sets in overrides.items():
             if stage == "synth":  # `cirlab data synth` arguments, not config fields

@@ -123,7 +123,7 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
             extended = extend_split(split, out)
             assert len(extended.queries) > len(split.queries)
         return
-    if getattr(method, "stage", None) == "rtd":  # RTD starts from a projection model (a base's export)
+    if method.name == "rtd":  # RTD starts from a projection model (a base's export)
         from cirlab.composers import ProjectionComposer, QueryRecipe
         from cirlab.models import load_backbone
         from cirlab.models.phi import Phi
@@ -132,7 +132,7 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
         backbone = ProjectionComposer(clip, QueryRecipe(prompt="a photo of $ that {text}"),
                                       Phi("searle", clip.embed_dim, clip.token_dim)).save(tmp_path / "base")
     sets = [f"data.root={roots[dataset]}", "evaluation.batch_size=16"]
-    if method.name == "projection" and dataset != "shapes":  # real-size text inputs: tiny shapes' own
+    if method.name in ("projection", "rtd") and dataset != "shapes":  # real-size text inputs: tiny shapes' own
         from cirlab.data.registry import load_split
         from cirlab.data.text_triplets import shapes_triplets
 
@@ -140,7 +140,7 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
         if getattr(method, "captions", None):
             (tmp_path / "captions.txt").write_text("\n".join(t.reference_caption for t in triplets))
             sets.append(f"method.captions={tmp_path / 'captions.txt'}")
-        if getattr(method, "stage", None) == "rtd":
+        if method.name == "rtd":
             (tmp_path / "triplets.json").write_text(json.dumps([t.__dict__ for t in triplets]))
             sets.append(f"method.triplets={tmp_path / 'triplets.json'}")
     if dataset == "fashioniq":

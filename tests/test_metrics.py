@@ -23,7 +23,7 @@ from cirlab.evaluation.submission import (
     write_cirr_submission,
     write_fashioniq_predictions,
 )
-from cirlab.retrieval.similarity import dot_similarity
+from cirlab.features.similarity import dot_similarity
 
 
 def make_split(dataset, queries, gallery, exclude):

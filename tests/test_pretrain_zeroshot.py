@@ -13,7 +13,7 @@ from cirlab.evaluation.evaluate import evaluate_composer
 from cirlab.evaluation.protocols import chance_levels
 from cirlab.methods import pretrain
 from cirlab.models import build_small_blip
-from cirlab.retrieval.encode import split_image_ids
+from cirlab.features.encode import split_image_ids
 
 TINY = dict(embed_dim=32, text_hidden=32, text_layers=1, text_heads=2, vision_hidden=32, stage_channels=(8, 8, 16, 16))
 

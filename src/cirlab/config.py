@@ -152,10 +152,20 @@ def stage_key(section: BaseModel) -> tuple[str, str]:
     return section.name, getattr(section, "stage", section.name)
 
 
+# spellings of earlier releases: refused, naming the current one
+RENAMED_STAGES = {("projection", "rtd"): "method: {name: rtd} (RTD is its own method; configs/rtd/)"}
+# config files of earlier releases: old path under configs/ -> new
+MOVED_CONFIGS = {"eval": "zeroshot", "projection/shapes_rtd.yaml": "rtd/shapes_rtd.yaml",
+                 "projection/cirr_rtd.yaml": "rtd/cirr_rtd.yaml"}
+
+
 def method_section(data: dict, source: str = "config") -> BaseModel:
     """A ``method`` section validated into the config model of its registered stage (unknown
     keys are errors; a section without ``stage`` means the method's default stage)."""
     name = data.get("name")
+    renamed = RENAMED_STAGES.get((name, data.get("stage")))
+    if renamed:
+        raise ValueError(f"invalid config {source}:\n  method: {name}, stage {data.get('stage')} is now {renamed}")
     stages = {stage: spec for (method, stage), spec in STAGES.items() if method == name}
     if not stages:
         methods = sorted({method for method, _ in STAGES.keys()})
@@ -195,9 +205,19 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _moved(path: Path) -> str:
+    """`` (moved to configs/<new>)`` when ``path`` is a config file of an earlier release."""
+    parts = path.as_posix().split("configs/", 1)
+    if len(parts) == 2:
+        for old, new in MOVED_CONFIGS.items():
+            if parts[1] == old or parts[1].startswith(old + "/"):
+                return f" (moved to configs/{new}{parts[1][len(old):]})"
+    return ""
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}{_moved(path)}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -263,8 +283,12 @@ def validate(model: type[BaseModel], data: dict, source: str) -> Any:
     except ValidationError as e:
         lines = [f"invalid config {source}:"]
         for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if msg.startswith("invalid config "):  # a section validated on its own (method): its lines
+                lines += msg.split("\n")[1:]
+                continue
             field = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {field}: {err['msg']}")
+            lines.append(f"  {field}: {msg}")
         raise ValueError("\n".join(lines)) from None
 
 
@@ -275,8 +299,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
 
 def dataset_defaults(dataset: str) -> DataConfig:
     """The data group of ``dataset`` (``configs/data/<dataset>.yaml``): its preprocessing and storage
-    defaults, for commands that take a dataset name rather than a config."""
-    return validate(DataConfig, compose(CONFIG_ROOT / "data" / f"{dataset}.yaml"), f"configs/data/{dataset}.yaml")
+    defaults, for commands that take a dataset name rather than a config; a benchmark without a
+    data group (a plugin's) gets the field defaults."""
+    path = CONFIG_ROOT / "data" / f"{dataset}.yaml"
+    return validate(DataConfig, compose(path) if path.is_file() else {"dataset": dataset}, str(path))
 
 
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:

@@ -151,7 +151,7 @@ def demo(args: argparse.Namespace) -> int:
         return None if cirlab(cmd) else run / "model"
 
     if not evaluate("zero-shot composed baselines on shapes test (no CIR training)", "zeroshot",
-                    "--config", str(CONFIG_ROOT / "eval" / "shapes_zeroshot_blip.yaml"), "--set", f"model.backbone={backbone}"):
+                    "--config", str(CONFIG_ROOT / "zeroshot" / "shapes_zeroshot_blip.yaml"), "--set", f"model.backbone={backbone}"):
         return 1
 
     proj = CONFIG_ROOT / "projection"
@@ -160,7 +160,7 @@ def demo(args: argparse.Namespace) -> int:
     if phi is None or not evaluate("Pic2Word-style Phi on shapes test", "pic2word", "--model", str(phi)):
         return 1
     rtd = train("RTD: tune its text encoder with the generator's text triplets (Phi and the gallery frozen)",
-                proj / "shapes_rtd.yaml", "rtd", "model.kind=blip", f"model.backbone={phi}")
+                CONFIG_ROOT / "rtd" / "shapes_rtd.yaml", "rtd", "model.kind=blip", f"model.backbone={phi}")
     if rtd is None or not evaluate("Pic2Word + RTD on shapes test", "rtd", "--model", str(rtd)):
         return 1
 

@@ -29,8 +29,6 @@ from .base import Composer, QueryRecipe, register
 
 Mode = Literal["image", "text", "sum", "grounded"]
 MODES: tuple[str, ...] = ("image", "text", "sum", "grounded")
-# a plain backbone's preprocessing: the BLIP CIR repos' TargetPad, CLIP's own resize + center crop
-BACKBONE_TRANSFORMS = {"blip": "targetpad", "clip": "resize"}
 
 
 def grounded_embeds(composer: Composer, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -55,7 +53,7 @@ class ZeroShotComposer(Composer):
     @classmethod
     def from_backbone(cls, backbone: Backbone) -> "ZeroShotComposer":
         """The zero-shot model of a plain backbone (see the module docstring)."""
-        return cls(backbone, QueryRecipe(transform=BACKBONE_TRANSFORMS[backbone.kind]), mode="sum")
+        return cls(backbone, QueryRecipe(transform=backbone.default_transform), mode="sum")
 
     @property
     def name(self) -> str:

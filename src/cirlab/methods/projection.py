@@ -1,18 +1,18 @@
-"""Projection-based zero-shot CIR and RTD: train a Phi (stage ``phi``), then tune the text encoder
-with text triplets (stage ``rtd``). Both export a :class:`~cirlab.composers.ProjectionComposer`.
+"""Projection-based zero-shot CIR (method ``projection``: train a Phi) and RTD (method ``rtd``: then
+tune the text encoder with text triplets). Both export a :class:`~cirlab.composers.ProjectionComposer`.
 
-* stage ``phi``, style ``pic2word`` (images only): the text feature of "a photo of $" with
+* ``projection``, style ``pic2word`` (images only): the text feature of "a photo of $" with
   ``$`` = Phi(u) must match the frozen image embedding u; symmetric InfoNCE at CLIP's frozen
   logit scale (google-research/composed_image_retrieval).
-* stage ``phi``, style ``lincir`` (text only): Phi(caption embedding + noise) at every keyword
+* ``projection``, style ``lincir`` (text only): Phi(caption embedding + noise) at every keyword
   span of the caption must give back the caption's embedding; MSE (navervision/lincir). Noise:
   ``noise · U(0,1) · N(0, I)`` per sample.
-* stage ``rtd`` (jaeseokbyun/RTD): a frozen anchor copy of the text encoder encodes the target and
+* ``rtd`` (jaeseokbyun/RTD): a frozen anchor copy of the text encoder encodes the target and
   reference captions; Phi (frozen, eval) maps the reference caption's embedding plus noise
   ``s · U(0,1) · N(0, I)`` to the pseudo-word; the trainable encoder encodes "a photo of $ that
   {c}" and "a photo of $" with it (refined batch sampling); NT-Xent over the joint 4B vectors.
 
-Only Phi trains in stage ``phi``; only the text encoder and its projection in stage ``rtd``. The
+Only Phi trains in ``projection``; only the text encoder and its projection in ``rtd``. The
 image side never changes, so a gallery index built with the base stays valid for its RTD model.
 """
 
@@ -66,7 +66,7 @@ class PhiConfig(ProjectionConfig):
 
 
 class RtdConfig(ProjectionConfig):
-    stage: Literal["rtd"] = "rtd"
+    name: Literal["rtd"] = "rtd"  # RTD as its paper names it (post-hoc text-encoder tuning of a projection model)
     triplets: Literal["shapes", "rules"] | str = Field("shapes", description="shapes: the generator's scene "
                                                        "captions; rules: swaps over the training scene captions; "
                                                        "else a JSON file of text triplets")
@@ -203,7 +203,7 @@ def projection_recipe(cfg: ExperimentConfig) -> QueryRecipe:
                        transform=cfg.data.transform, target_ratio=cfg.data.target_ratio)
 
 
-@register_stage("projection", "rtd", config=RtdConfig)
+@register_stage("rtd", config=RtdConfig)
 def build_rtd(cfg: ExperimentConfig) -> Stage:
     """RTD: the text encoder of a trained projection model tuned post hoc (its Phi frozen)."""
     pcfg = cfg.method

@@ -62,6 +62,8 @@ class Backbone(nn.Module):
     """Common part of :class:`BlipBackbone` and :class:`ClipBackbone`."""
 
     kind: ClassVar[str] = ""
+    # the preprocessing its own code uses (cirlab.data.transforms): a plain backbone's zero-shot model
+    default_transform: ClassVar[str] = "resize"
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         super().__init__()

@@ -29,6 +29,7 @@ class BlipBackbone(Backbone):
     """One interface over a real BLIP retrieval checkpoint and :class:`SmallBlipForImageTextRetrieval`."""
 
     kind = "blip"
+    default_transform = "targetpad"  # the BLIP CIR repositories' TargetPad
 
     def __init__(self, model: BlipForImageTextRetrieval, tokenizer: PreTrainedTokenizerBase):
         super().__init__(model, tokenizer)

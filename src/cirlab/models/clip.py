@@ -38,6 +38,7 @@ class ClipBackbone(Backbone):
     """One interface over a real CLIP checkpoint and :class:`SmallClipModel`."""
 
     kind = "clip"
+    default_transform = "resize"  # CLIP's own resize + center crop
 
     def __init__(self, model: CLIPModel, tokenizer: PreTrainedTokenizerBase):
         super().__init__(model, tokenizer)

@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ..registry import import_plugins
 from ..utils.io import atomic_dir, read_json
 from .backbone import Backbone
 from .blip import BlipBackbone, SmallBlipConfig, SmallBlipForImageTextRetrieval
@@ -76,6 +77,8 @@ def check_backbone_dir(path: str | Path) -> str:
     if missing:
         raise FileNotFoundError(f"backbone folder {path}: missing {'; missing '.join(missing)}; found: {found}")
     model_type = read_json(path / "config.json", "backbone config").get("model_type")
+    if model_type not in MODEL_TYPES:
+        import_plugins()  # a plugin's adapter (CIRLAB_PLUGINS) registers its model types on import
     if model_type not in MODEL_TYPES:
         raise ValueError(
             f"backbone folder {path}: config.json has model_type {model_type!r}; "
