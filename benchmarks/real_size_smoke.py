@@ -39,8 +39,8 @@ STEPS = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.epochs=1", "tra
          "trainer.schedule={name: constant}"]
 # (config, dataset, command, extra overrides with {run:NAME} for an earlier run's model folder)
 PLAN = [
-    ("eval/cirr_zeroshot_blip.yaml", "cirr", "eval", []),
-    ("eval/fashioniq_zeroshot_clip.yaml", "fashioniq", "eval", []),
+    ("zeroshot/cirr_zeroshot_blip.yaml", "cirr", "eval", []),
+    ("zeroshot/fashioniq_zeroshot_clip.yaml", "fashioniq", "eval", []),
     ("bidirectional/cirr_text.yaml", "cirr", "train", []),
     ("bidirectional/cirr_combiner.yaml", "cirr", "train", ["model.backbone={run:bidirectional/cirr_text}"]),
     ("bidirectional/fashioniq_text.yaml", "fashioniq", "train", []),
@@ -60,9 +60,28 @@ PLAN = [
     ("spn/fashioniq_bank_zeroshot.yaml", "fashioniq", "train", ["model.backbone={clip}"]),
     ("projection/cirr_pic2word.yaml", "cirr", "train", []),
     ("projection/cirr_lincir.yaml", "cirr", "train", ["method.captions={work}/captions.txt"]),
-    ("projection/cirr_rtd.yaml", "cirr", "train", ["model.backbone={run:projection/cirr_lincir}",
+    ("rtd/cirr_rtd.yaml", "cirr", "train", ["model.backbone={run:projection/cirr_lincir}",
                                                   "method.triplets={work}/triplets.json", "trainer.eval_every_steps=2"]),
 ]
+
+# left out, with the reason: no model is trained, the cost is the captioner's (a served VLM)
+NOT_PLANNED = {"spn/cirr_generate.yaml": "captions through a chat-model server",
+               "spn/fashioniq_generate.yaml": "captions through a chat-model server"}
+
+
+def unplanned() -> list[str]:
+    """Shipped experiment configs on a real benchmark that the plan leaves out (a new one must be added)."""
+    import yaml
+
+    planned = {config for config, *_ in PLAN}
+    real = []
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw, dict) and isinstance(raw.get("method"), dict):
+            if (raw.get("defaults") or {}).get("data") != "shapes":
+                real.append(path.relative_to(REPO / "configs").as_posix())
+    return [c for c in real if c not in planned and c not in NOT_PLANNED]
+
 
 NEEDED = {k for *_, extra in PLAN for o in extra for k in re.findall(r"\{run:([^}]+)\}", o)}
 
@@ -155,7 +174,7 @@ def run_one(config: str, dataset: str, command: str, extra: list[str], roots: di
         for key, value in fill.items():
             s = s.replace(key, value)
         sets.append(s)
-    backbone = [f"model.backbone={folders['clip' if 'clip' in config or 'projection/' in config else 'blip']}"]
+    backbone = [f"model.backbone={folders['clip' if 'clip' in config or config.startswith(('projection/', 'rtd/')) else 'blip']}"]
     overrides = [f"data.root={roots[dataset]}", *backbone, *sets]
     argv = [command, "--config", str(REPO / "configs" / config), "--run-dir", str(run_dir)]
     argv += [f"--set={o}" for o in (overrides + (STEPS if command == "train" else []))]
@@ -195,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", help="only these configs (paths under configs/)")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    missing = unplanned()
+    if missing and not args.configs:
+        print(f"real_size_smoke: shipped real configs missing from PLAN: {', '.join(missing)}", file=sys.stderr)
+        return 2
     args.work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     roots = {"cirr": cirr_tree(args.data, args.work, args.queries, rng),
