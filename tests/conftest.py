@@ -43,6 +43,13 @@ def tiny_shapes(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_random_blip(tmp_path_factory):
+    """Folder of a randomly initialised tiny BLIP (seconds to make, where no training is needed)."""
+    torch.manual_seed(0)
+    return save_backbone(build_small_blip(**TINY_BLIP), tmp_path_factory.mktemp("tiny-random-blip") / "blip")
+
+
+@pytest.fixture(scope="session")
 def tiny_pretrained_blip(tiny_shapes, tmp_path_factory):
     """Folder of a tiny BLIP after a short ITC pretraining on the tiny shapes train images."""
     torch.manual_seed(0)

@@ -28,19 +28,10 @@ import cirlab
 from cirlab.cli import main
 from cirlab.composers import QueryRecipe, ZeroShotComposer
 from cirlab.config import load_config, method_section
-from cirlab.models import build_small_blip, load_backbone, loading, save_backbone
+from cirlab.models import load_backbone, loading
 from cirlab.registry import BENCHMARKS, STAGES
 
 CIRR_METRICS = {"R@1", "R@5", "R@10", "R@50", "Rs@1", "Rs@2", "Rs@3", "Avg"}
-
-
-@pytest.fixture(scope="module")
-def tiny_blip(tmp_path_factory):
-    """A randomly initialised tiny BLIP folder (seconds to make; the recipes need no trained one)."""
-    torch.manual_seed(0)
-    backbone = build_small_blip(embed_dim=32, text_hidden=32, text_layers=2, text_heads=2, vision_hidden=32,
-                                stage_channels=(8, 8, 16, 16))
-    return save_backbone(backbone, tmp_path_factory.mktemp("recipes-blip") / "blip")
 
 
 @pytest.fixture
@@ -122,7 +113,7 @@ TOY_METHOD = '''
 '''
 
 
-def test_add_a_method(plugins, tiny_shapes, tiny_blip, tmp_path):
+def test_add_a_method(plugins, tiny_shapes, tiny_random_blip, tmp_path):
     plugins("toy_method", TOY_METHOD)
     config = tmp_path / "toy.yaml"
     config.write_text(textwrap.dedent(f"""\
@@ -135,7 +126,7 @@ def test_add_a_method(plugins, tiny_shapes, tiny_blip, tmp_path):
           root: {tiny_shapes}
         model:
           kind: blip
-          backbone: {tiny_blip}
+          backbone: {tiny_random_blip}
         method:
           name: toy
         trainer:
@@ -159,7 +150,7 @@ def test_add_a_method(plugins, tiny_shapes, tiny_blip, tmp_path):
     assert manifest["kind"] == "sum" and manifest["provenance"]["checkpoint"] == "best.pt"
 
     # only the text projection trained: the image side (and so the feature cache) is the start's
-    start, trained = cirlab.load(tiny_blip), cirlab.load(run / "model")
+    start, trained = cirlab.load(tiny_random_blip), cirlab.load(run / "model")
     assert trained.backbone.image_fingerprint() == start.backbone.image_fingerprint()
     assert not torch.equal(trained.backbone.text_proj.weight, start.backbone.text_proj.weight)
 
@@ -214,7 +205,7 @@ def _eval_catalog(model, root, out) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_add_a_benchmark(plugins, tiny_shapes, tiny_blip, tmp_path):
+def test_add_a_benchmark(plugins, tiny_shapes, tiny_random_blip, tmp_path):
     plugins("catalog_benchmark", CATALOG)
     assert BENCHMARKS["catalog"].protocol.recall_ks == (1, 5, 10)
 
@@ -226,7 +217,7 @@ def test_add_a_benchmark(plugins, tiny_shapes, tiny_blip, tmp_path):
                       "caption": r["caption"]} for r in records])
     # a plain backbone folder: cirlab.load gives its zero-shot (sum) model
     out = tmp_path / "eval"
-    metrics = _eval_catalog(tiny_blip, root, out)
+    metrics = _eval_catalog(tiny_random_blip, root, out)
     assert list(metrics) == ["sum"] and set(metrics["sum"]) == {"R@1", "R@5", "R@10"}
     assert all(0 <= v <= 100 for v in metrics["sum"].values())
     submission = json.loads(next(out.glob("circo_submission_*.json")).read_text())
@@ -244,7 +235,7 @@ def test_add_a_benchmark(plugins, tiny_shapes, tiny_blip, tmp_path):
                 {"id": 3, "reference": c, "target": d, "caption": "another scene"},
                 {"id": 4, "reference": d, "target": c, "caption": "another scene"}]
     hand = _catalog(tmp_path / "hand", images, triplets)
-    image_only = ZeroShotComposer(load_backbone(tiny_blip), QueryRecipe(), "image")
+    image_only = ZeroShotComposer(load_backbone(tiny_random_blip), QueryRecipe(), "image")
     metrics = _eval_catalog(image_only.save(tmp_path / "image-only"), hand, tmp_path / "eval-hand")
     assert metrics["image"]["R@1"] == 50.0
     assert metrics["image"]["R@10"] == 100.0  # 7 candidates: all in the top 10
