@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = extra + args.argv
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"cirlab {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() quotes it
+        print(f"cirlab {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+# what a user can cause and fix (a path, a file, a server, a value, a diverging run): a sentence and
+# exit 2; anything else is a bug in cirlab and keeps its traceback
+USER_ERRORS = (OSError, ValueError, KeyError, FloatingPointError)

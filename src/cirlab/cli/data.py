@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--category", help="FashionIQ category")
     p.add_argument("--n", type=int, default=8, help="number of triplets")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="the PNG file to write")
     p.set_defaults(func=show)
 
     p = dsub.add_parser("check", help="count queries, gallery and missing images; exit 1 when any is missing")
@@ -64,6 +64,8 @@ def show(args: argparse.Namespace) -> int:
     from cirlab.data.registry import load_split
     from cirlab.data.show import draw_triplets
 
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give the picture's file name, e.g. {args.out / 'triplets.png'}")
     split = load_split(args.dataset, args.root, args.split, category=args.category)
     queries = [q for q in split.queries if q.target is not None] or split.queries
     picked = random.Random(args.seed).sample(queries, min(args.n, len(queries)))

@@ -37,7 +37,7 @@ from cirlab.data.transforms import build_transform
 from cirlab.features.cache import FeatureSet
 from cirlab.features.encode import TokenDtype, image_features, split_image_ids
 from cirlab.models import Backbone, load_backbone, save_backbone
-from cirlab.utils.io import atomic_dir, dump_json, read_json
+from cirlab.utils.io import atomic_dir, dump_json, read_json, recover_dir
 
 FORMAT, VERSION = "cirlab-composer", 1
 MANIFEST = "composer.json"
@@ -300,7 +300,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Composer:
 
     The backbone's fingerprint is checked against the manifest, so a folder whose parts were
     swapped or damaged is refused rather than silently giving other results."""
-    path = Path(path)
+    path = recover_dir(path)  # a crash mid-export leaves the old model, put back here
     if not (path / MANIFEST).is_file() and (path / "config.json").is_file():  # a plain BLIP / CLIP folder
         return REGISTRY["zeroshot"].from_backbone(load_backbone(path, device=device)).to(device).eval()
     manifest = read_manifest(path)

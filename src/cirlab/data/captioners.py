@@ -32,6 +32,7 @@ from pydantic import Field
 
 from cirlab.config import Strict
 from cirlab.data.images import load_image
+from cirlab.utils.crash import crash_point, register
 from cirlab.utils.io import read_json
 
 
@@ -184,6 +185,10 @@ def build_captioner(cfg: CaptionerConfig, root: str | Path, split: str) -> Capti
     return ChatCaptioner(cfg)
 
 
+CACHE_APPENDED = register("caption_cache:appended", "data/captioners.py CaptionCache.add: a batch of captions "
+                          "appended and flushed")
+
+
 class CaptionCache:
     """Captions by image id for one captioner, in an append-only JSONL file.
 
@@ -210,6 +215,7 @@ class CaptionCache:
                 f.write(json.dumps({"id": image_id, "caption": caption, "captioner": self.signature}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        crash_point(CACHE_APPENDED, str(self.path))
         self.captions.update(captions)
 
 

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from ..registry import import_plugins
-from ..utils.io import atomic_dir, read_json
+from ..utils.io import atomic_dir, read_json, recover_dir
 from .backbone import Backbone
 from .blip import BlipBackbone, SmallBlipConfig, SmallBlipForImageTextRetrieval
 from .clip import ClipBackbone, SmallClipConfig, SmallClipModel
@@ -62,7 +62,7 @@ def check_backbone_dir(path: str | Path) -> str:
     """Validate a backbone folder before loading; return its config's model_type.
 
     Errors name the folder, the missing part, what was expected and what is there."""
-    path = Path(path)
+    path = recover_dir(path)  # a crash mid-export leaves the old folder aside: put it back
     if not path.is_dir():
         raise FileNotFoundError(f"backbone folder {path} does not exist")
     names = {p.name for p in path.iterdir()}

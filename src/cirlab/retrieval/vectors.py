@@ -6,7 +6,8 @@ Backends (:mod:`cirlab.retrieval.index` for faiss and the backend choice,
 
 Folder layout (written atomically: a reader sees the old index or the new one, never half)::
 
-    index.json     format, version, backend, dim, factory, count, the model's fingerprint
+    index.json     format, version, backend, dim, factory, count, the model's fingerprint, and
+                   the sha256 of every other file (a damaged or swapped file is refused on load)
     ids.json       row -> image id (faiss labels are row numbers; removed rows are null)
     gallery.json   image id -> image file (absolute, or relative to the index folder)
     index.faiss    the faiss index (faiss backend; Milvus keeps its vectors in the server)
@@ -14,6 +15,7 @@ Folder layout (written atomically: a reader sees the old index or the new one, n
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -26,6 +28,23 @@ from cirlab.utils.io import atomic_dir, dump_json
 
 FORMAT, VERSION = "cirlab-index", 1
 MANIFEST, IDS, GALLERY = "index.json", "ids.json", "gallery.json"
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a folder whose files are not the ones its manifest was written with (a truncated
+    ``index.faiss``, a file copied in from another index). Manifests before the field: no check."""
+    for name, digest in (manifest.get("sha256") or {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder}: {name} is missing (the manifest lists it); rebuild the index")
+        if file_sha256(file) != digest:
+            raise ValueError(f"{file} is not the file this index was saved with (its sha256 differs from "
+                             f"{MANIFEST}'s): it was damaged or replaced; rebuild the index")
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,10 @@ class VectorIndex(ABC):
     def backend_config(self) -> dict[str, Any]:
         return {}
 
+    def probe(self) -> None:
+        """Raise ConnectionError when the backend cannot answer now (a server that is away);
+        what ``/healthz`` asks. An embedded index is always there."""
+
     def save(self, path: str | Path) -> Path:
         """Write the index folder atomically; files of the old folder that the index does not
         write itself (images added through the server) are carried over."""
@@ -143,7 +166,9 @@ class VectorIndex(ABC):
                         (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
             self._write(tmp)
             (tmp / GALLERY).write_text(dump_json(self.gallery) + "\n")
-            (tmp / MANIFEST).write_text(dump_json(self.manifest(), indent=1) + "\n")  # last: marks it complete
+            sha256 = {name: file_sha256(tmp / name) for name in (IDS, GALLERY, *self.files())}
+            manifest = {**self.manifest(), "sha256": sha256}
+            (tmp / MANIFEST).write_text(dump_json(manifest, indent=1) + "\n")  # last: marks it complete
         return path
 
     def files(self) -> tuple[str, ...]:
