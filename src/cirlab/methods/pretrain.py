@@ -130,6 +130,8 @@ class Pretrainer(nn.Module):
         has_negative = (~same).any(1)
         weights = sim.softmax(1).masked_fill(same, 0) + 1e-6 * (~same)
         weights[~has_negative] = 1.0
+        if not torch.isfinite(weights).all():
+            raise FloatingPointError("the image-text similarities are not finite (ITM's negative sampling)")
         neg_text = torch.multinomial(weights, 1).squeeze(1)  # per image
         neg_image = torch.multinomial(weights.T, 1).squeeze(1)  # per caption (same is symmetric)
         ids = torch.cat([text["input_ids"], text["input_ids"][neg_text], text["input_ids"]])

@@ -195,7 +195,7 @@ class Trainer:
                 sync = nullcontext() if boundary or distributed.world_size() == 1 else self.step_module.no_sync()
                 with sync:
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        loss, logs = _unpack(self.step_module(move_to(batch, self.device)))
+                        loss, logs = _unpack(self._forward(move_to(batch, self.device)))
                     (loss / t.grad_accum).backward()
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v.detach().float() / t.grad_accum
@@ -236,6 +236,20 @@ class Trainer:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
 
+    def _forward(self, batch: Any) -> Any:
+        """The training step; a divergence a method detects inside it (FloatingPointError) is
+        reported with the step and the last good checkpoint, as a non-finite loss is."""
+        try:
+            return self.step_module(batch)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {self.step} (epoch {self.epoch}): the training diverged "
+                                     f"(lower the learning rate?); {self._last_good()}") from None
+
+    def _last_good(self) -> str:
+        if self._saved_step is None:
+            return f"no checkpoint was saved in {self.run.path} yet"
+        return f"the last good state is {self.run.latest} (step {self._saved_step})"
+
     def _optimizer_step(self, sums: dict[str, torch.Tensor]) -> None:
         t = self.cfg.trainer
         apply_schedule(
@@ -256,13 +270,8 @@ class Trainer:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         values = dict(zip(sums, torch.stack([v.float().reshape(()) for v in sums.values()]).tolist()))
         if not np.isfinite(values["loss"]):
-            last = (
-                f"the last good state is {self.run.latest} (step {self._saved_step})"
-                if self._saved_step is not None
-                else f"no checkpoint was saved in {self.run.path} yet"
-            )
             raise FloatingPointError(
-                f"training loss is {values['loss']} at step {self.step} (epoch {self.epoch}); {last}"
+                f"training loss is {values['loss']} at step {self.step} (epoch {self.epoch}); {self._last_good()}"
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
