@@ -14,14 +14,10 @@ import argparse
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from serve_load import load_test  # benchmarks/serve_load.py, beside this script
+from serve_load import load_test, served  # benchmarks/serve_load.py, beside this script
 
 from cirlab.retrieval.index import load_index
 
@@ -49,26 +45,8 @@ def main() -> None:
 
     ids = load_index(args.index).ids()
     forms = [{"id": ids[(7919 * n) % len(ids)], "text": TEXTS[n % len(TEXTS)], "k": 10} for n in range(997)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cli = Path(sys.executable).with_name("cirlab")
-    cmd = [str(cli), "serve", "--index", str(args.index), "--port", str(port)]
-    for o in args.overrides:
-        cmd += ["--set", o]
-    server = subprocess.Popen(cmd, env={**os.environ, "CIRLAB_API_KEY": ""})
-    base = f"http://127.0.0.1:{port}"
     rows = []
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the server did not start")
-                time.sleep(0.2)
+    with served(args.index, args.overrides) as (base, _):
         load_test(base, forms[:8], concurrency=1, max_requests=8)  # warm-up
         for level in args.levels:
             before = batch_stats(base)
@@ -78,12 +56,6 @@ def main() -> None:
             calls = after[1] - before[1]
             result["mean_batch"] = (after[0] - before[0]) / calls if calls else float("nan")
             rows.append(result)
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
     print(f"index {args.index} ({len(ids)} images), {os.cpu_count()} CPUs\n")
     print("| clients | requests | errors | seconds | queries/s | p50 ms | p99 ms | queries per model call |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

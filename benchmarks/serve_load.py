@@ -1,16 +1,54 @@
 """A closed-loop load test on loopback: C clients, each sending its next query when the last is
-answered, bounded in requests and in time; throughput, latency percentiles and errors.
+answered, bounded in requests and in time; throughput, latency percentiles and errors; and
+``cirlab serve`` started as its own process for the length of a block.
 
-Used by ``bench_serve_load.py`` (beside it: a script run from this folder imports it as
-``serve_load``) and by ``tests/test_serving.py`` (which loads it by its path)."""
+Used by ``bench_serve_load.py`` and ``bench_serve_soak.py`` (beside it: a script run from this
+folder imports it as ``serve_load``) and by ``tests/test_serving.py`` (which loads it by its path)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
-from typing import Any, Sequence
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+
+@contextmanager
+def served(index: Path, overrides: Sequence[str] = (), timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``(base url, process)`` of ``cirlab serve --index index`` on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("cirlab")), "serve", "--index", str(index), "--port", str(port)]
+    for o in overrides:
+        cmd += ["--set", o]
+    server = subprocess.Popen(cmd, env={**os.environ, "CIRLAB_API_KEY": ""})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/healthz", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+        yield base, server
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def load_test(base: str, forms: Sequence[dict[str, Any]], *, concurrency: int, max_requests: int,
