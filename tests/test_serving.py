@@ -1,4 +1,4 @@
-"""The retrieval service: the index ranks as evaluation does, Milvus as faiss, and every bound of the
+"""The retrieval service: the index ranks as evaluation does (Milvus: tests/test_milvus.py), and every bound of the
 HTTP API refuses its bad request with the right status while the server keeps answering."""
 
 import io
@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from cirlab.composers.vectors import similarity, split_features
 from cirlab.evaluation.submission import rankings_from_similarity
 from cirlab.models import load_backbone
 from cirlab.retrieval.index import FaissIndex, load_index
-from cirlab.retrieval.search import Query, Searcher
+from cirlab.retrieval.search import Searcher
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -115,38 +114,6 @@ def test_served_top10_equals_the_evaluation_ranking_for_every_query(tiny_index, 
             got, want = [h["id"] for h in r.json()["results"]], ranked[q.qid][:10]
             for a, b in zip(got, want):
                 assert a == b or abs(sim[n, column[a]] - sim[n, column[b]]) < 1e-5, (q.qid, got, want)
-
-
-@pytest.fixture(scope="module")
-def milvus_uri(tmp_path_factory):
-    """A milvus-lite server on loopback for this module's tests."""
-    pytest.importorskip("pymilvus")
-    from cirlab.retrieval.milvus import milvus_lite_server
-
-    if not Path(sys.executable).with_name("milvus-lite").exists():
-        pytest.skip("milvus-lite is not installed")
-    with milvus_lite_server(tmp_path_factory.mktemp("milvus")) as uri:
-        yield uri
-
-
-def test_milvus_returns_the_ids_and_scores_of_faiss_flat(tiny_index, tiny_shapes, milvus_uri, tmp_path):
-    model, index_dir = tiny_index
-    assert main(["index", "build", "--model", str(model), "--dataset", "shapes", "--root", str(tiny_shapes),
-                 "--split", "test", "--out", str(tmp_path / "mx"), "--backend", "milvus", "--uri", milvus_uri]) == 0
-    flat, milvus = Searcher.open(index_dir), Searcher.open(tmp_path / "mx")
-    assert milvus.index.backend == "milvus" and len(milvus.index) == len(flat.index)
-    split = load_split("shapes", tiny_shapes, "test")
-    queries = [Query(default_text(q, False), id=q.reference) for q in split.queries]
-    for a, b in zip(flat.search(queries, k=11), milvus.search(queries, k=10)):  # 11: to see a tie at 10
-        scores = [h.score for h in a]
-        np.testing.assert_allclose(scores[:10], [h.score for h in b], atol=1e-5)
-        for j, (x, y) in enumerate(zip(a, b)):  # ids differ only among images of equal score
-            tied = any(abs(scores[j] - scores[i]) < 1e-5 for i in (j - 1, j + 1) if 0 <= i < len(scores))
-            assert x.id == y.id or tied, (j, [(h.id, round(h.score, 6)) for h in a], [(h.id, round(h.score, 6)) for h in b])
-    # removal reaches the server
-    gone = next(i for i in flat.index.ids() if i not in {q.id for q in queries[:3]})
-    milvus.index.remove([gone])
-    assert gone not in {h.id for hits in milvus.search(queries[:3], k=len(flat.index)) for h in hits}
 
 
 # -- the HTTP API and its bounds ---------------------------------------------------------------------
