@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "IVF4096,PQ32np,RFlat ... (see docs/serving.md)")
     b.add_argument("--params", default="", help="faiss search parameters, e.g. nprobe=32,k_factor_rf=4 or efSearch=128")
     b.add_argument("--uri", help="milvus: the server, e.g. http://127.0.0.1:19530")
-    b.add_argument("--collection", default="cirlab", help="milvus: the collection name")
+    b.add_argument("--collection", help="milvus: the alias naming the index's collection (default "
+                   "cirlab_<folder name>_<hash of its path>: one per index folder)")
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=build)
@@ -37,17 +38,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build(args: argparse.Namespace) -> int:
-    import cirlab
-    from cirlab.retrieval.gallery import encode_split_gallery, folder_gallery, gallery_paths, model_record
-    from cirlab.retrieval.index import check_model, load_index, new_index
+    from contextlib import nullcontext
+
+    from cirlab.utils.io import exclusive
 
     if args.dataset and not args.root:
         raise ValueError("--dataset needs --root")
     if args.backend == "milvus" and args.factory != "Flat":
         raise ValueError("--factory is a faiss option; Milvus indexes are FLAT")
+    main = int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank encodes, rank 0 writes
+    # one writer per index folder, from reading it (--add) to the swap: two builds never interleave
+    with exclusive(args.out, "index folder") if main else nullcontext():
+        return _build(args, main)
+
+
+def _build(args: argparse.Namespace, main: bool) -> int:
+    import cirlab
+    from cirlab.retrieval.gallery import encode_split_gallery, folder_gallery, gallery_paths, model_record
+    from cirlab.retrieval.index import check_model, load_index, new_index
+
     composer = cirlab.load(args.model, device=args.device)
     record = model_record(composer, args.model)
-    index, main = None, int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank encodes, rank 0 writes
+    index = None
     if args.add and main:
         index = load_index(args.out)
         check_model(index, record["fingerprint"], args.model)
@@ -64,7 +76,7 @@ def build(args: argparse.Namespace) -> int:
             continue
         if index is None:
             index = new_index(args.backend, vectors.shape[1], model=record, factory=args.factory, params=args.params,
-                              uri=args.uri, collection=args.collection)
+                              uri=args.uri, collection=args.collection, folder=args.out)
         index.add(split.gallery, vectors, [paths[i] for i in split.gallery])
         print(f"encoded {len(vectors)} images of {split.name}")
     if main:

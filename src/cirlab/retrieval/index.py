@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from cirlab.retrieval.vectors import FORMAT, GALLERY, IDS, MANIFEST, VERSION, Hit, VectorIndex
-from cirlab.utils.io import dump_json, read_json
+from cirlab.retrieval.vectors import FORMAT, GALLERY, IDS, MANIFEST, VERSION, Hit, VectorIndex, check_files
+from cirlab.utils.io import dump_json, read_json, recover_dir
 
 __all__ = ["BACKENDS", "FORMAT", "GALLERY", "IDS", "MANIFEST", "VERSION", "FaissIndex", "Hit", "VectorIndex",
            "check_model", "load_index", "new_index", "read_index_manifest"]
@@ -105,7 +105,11 @@ class FaissIndex(VectorIndex):
         file = folder / "index.faiss"
         if not file.is_file():
             raise FileNotFoundError(f"{folder}: no index.faiss")
-        index = faiss.read_index(str(file), flags)
+        try:
+            index = faiss.read_index(str(file), flags)
+        except RuntimeError as e:
+            raise ValueError(f"{file} cannot be read by faiss (damaged or truncated; rebuild the index): "
+                             f"{str(e).strip().splitlines()[-1]}") from None
         rows = read_json(folder / IDS, "index ids")
         if index.ntotal != sum(r is not None for r in rows) or index.d != manifest["dim"]:
             raise ValueError(f"{folder}: index.faiss holds {index.ntotal} vectors of dim {index.d}, "
@@ -118,16 +122,21 @@ BACKENDS = ("faiss", "milvus")
 
 
 def new_index(backend: str, dim: int, *, model: dict[str, Any] | None = None, factory: str = "Flat",
-              params: str = "", uri: str | None = None, collection: str | None = None) -> VectorIndex:
-    """An empty index of ``backend`` (Milvus needs ``uri``; its collection defaults to ``cirlab``)."""
+              params: str = "", uri: str | None = None, collection: str | None = None,
+              folder: str | Path | None = None) -> VectorIndex:
+    """An empty index of ``backend``, to be saved in ``folder`` (Milvus needs ``uri``; its collection
+    alias defaults to one named after ``folder``, so that no two index folders share one)."""
     if backend == "faiss":
         return FaissIndex(dim, factory, params, model=model)
     if backend == "milvus":
-        from cirlab.retrieval.milvus import MilvusIndex
+        from cirlab.retrieval.milvus import MilvusIndex, default_collection
 
         if not uri:
             raise ValueError("the milvus backend needs a server uri (--uri http://host:19530)")
-        return MilvusIndex(dim, uri=uri, collection=collection or "cirlab", model=model, create=True)
+        if not (collection or folder):
+            raise ValueError("a Milvus index needs its folder or a collection name")
+        return MilvusIndex(dim, uri=uri, collection=collection or default_collection(folder), model=model,
+                           create=True, folder=folder)
     raise ValueError(f"unknown index backend {backend!r}; expected one of {list(BACKENDS)}")
 
 
@@ -152,8 +161,9 @@ def read_index_manifest(path: str | Path) -> dict[str, Any]:
 def load_index(path: str | Path, *, mmap: bool = False) -> VectorIndex:
     """The index saved in ``path``; ``mmap=True`` maps a faiss index read-only instead of reading it
     (what the server does: start-up is instant and pages are shared between worker processes)."""
-    path = Path(path)
+    path = recover_dir(path)
     manifest = read_index_manifest(path)
+    check_files(path, manifest)
     if manifest["backend"] == "faiss":
         index: VectorIndex = FaissIndex.read(path, manifest, mmap=mmap)
     else:
