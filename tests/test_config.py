@@ -137,7 +137,23 @@ def test_demo_overrides_are_valid_fields_of_their_configs():
 
 
 def test_no_docstring_cites_a_file_users_do_not_have():
-    root = CONFIG_ROOT.parent
+    root = Path(__file__).resolve().parents[1]
     for path in [*root.glob("src/**/*.py"), *root.glob("configs/**/*.yaml"), *root.glob("docs/**/*.md"),
                  root / "README.md"]:
         assert "REFERENCE" not in path.read_text(), path
+
+
+def test_shipped_configs_are_package_data_and_their_repository_paths_work_from_any_folder(tmp_path, monkeypatch):
+    """configs/ is a link to src/cirlab/configs (shipped in the wheel); `configs/...` paths as the docs
+    give them load from any folder, so an installed cirlab runs them without a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    assert CONFIG_ROOT.parent.name == "cirlab" and (root / "configs").resolve() == CONFIG_ROOT
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/bidirectional/shapes_text.yaml") == load_config(
+        CONFIG_ROOT / "bidirectional" / "shapes_text.yaml")
+    with pytest.raises(FileNotFoundError, match=r"moved to configs/zeroshot/shapes_zeroshot_blip\.yaml"):
+        load_config("configs/eval/shapes_zeroshot_blip.yaml")
+    own = write(tmp_path / "configs" / "bidirectional" / "shapes_text.yaml",
+                "defaults: {data: shapes}\nname: own\nmethod: {name: zeroshot}\n")
+    assert load_config("configs/bidirectional/shapes_text.yaml").name == "own"  # a file that exists comes first
+    assert own.is_file()

@@ -25,7 +25,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cirlab.registry import BENCHMARKS, STAGES
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+# The shipped configs are package data (``src/cirlab/configs``; the repository's top-level
+# ``configs`` is a link to it), so a wheel or ``pip install .`` has them too.
+CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` itself when it exists; else a relative ``configs/<group>/<name>.yaml`` is looked up
+    among the shipped configs, so the paths the docs give work from any folder, installed or not."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or len(path.parts) < 2 or path.parts[0] != "configs":
+        return path
+    shipped = CONFIG_ROOT.joinpath(*path.parts[1:])
+    return shipped if shipped.is_file() else path
 
 
 class Strict(BaseModel):
@@ -238,7 +250,7 @@ def _resolve_group(group: str, name: str, config_root: Path, origin: Path) -> Pa
 
 def compose(path: str | Path, config_root: Path | None = None) -> dict:
     """Load an experiment file and merge the group files its ``defaults`` names."""
-    path = Path(path)
+    path = find_config(path)
     config_root = config_root or CONFIG_ROOT
     raw = _read_yaml(path)
     merged: dict = {}
@@ -308,6 +320,6 @@ def dataset_defaults(dataset: str) -> DataConfig:
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ServeConfig:
     """The serve config in ``path`` (default ``configs/serve/default.yaml``) with ``overrides``."""
     default = CONFIG_ROOT / "serve" / "default.yaml"
-    path = Path(path) if path else default
+    path = find_config(path) if path else default
     data = apply_overrides({} if path == default and not path.is_file() else compose(path), overrides or [])
     return validate(ServeConfig, data, str(path))
