@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cirlab-installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test install browser clean
+DOCS_STAMP := $(VENV)/.cirlab-docs-installed
+
+.PHONY: demo test install browser clean docs docs-build
 
 install: $(STAMP)
 
@@ -29,5 +31,17 @@ browser:
 test: $(STAMP) browser
 	CIRLAB_REQUIRE_BROWSER=1 $(PY) -m pytest -q tests
 
+# the docs site (mkdocs.yml): `make docs` serves it at http://127.0.0.1:8000 and rebuilds on edits,
+# `make docs-build` builds site/ as CI does; both --strict (a broken link, anchor or missing docstring fails)
+$(DOCS_STAMP): $(STAMP) docs/requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r docs/requirements.txt -c requirements.lock
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict
+
+docs-build: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) site

@@ -85,6 +85,7 @@ class QueryRecipe:
     target_ratio: float = 1.25
 
     def text(self, text: str, forward: bool = True) -> str:
+        """``text`` as the text encoder reads it: wrapped in ``prompt``, with the direction marker."""
         return with_direction(self.prompt.replace("{text}", text), forward, self.direction)
 
     def query_texts(self, captions: Sequence[str]) -> tuple[str, ...]:
@@ -125,6 +126,7 @@ class Composer(nn.Module):
     # -- what a row of results is called ------------------------------------------------------------
     @property
     def name(self) -> str:
+        """The row name of this model in result tables (``cirlab eval``, the demo)."""
         return self.kind
 
     @property
@@ -135,6 +137,7 @@ class Composer(nn.Module):
     # -- images ---------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """The device of the backbone, where inputs are moved before encoding."""
         return self.backbone.device
 
     def transform_name(self) -> str:
@@ -211,6 +214,7 @@ class Composer(nn.Module):
 
     # -- text helpers ---------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], forward: bool = True):
+        """The backbone's token batch of the texts formatted by the recipe (prompt, direction marker)."""
         return self.backbone.tokenize([self.recipe.text(t, forward) for t in texts],
                                       max_length=self.recipe.max_text_length)
 
@@ -267,6 +271,7 @@ REGISTRY: dict[str, type[Composer]] = {}
 
 
 def register(cls: type[Composer]) -> type[Composer]:
+    """Class decorator: makes ``cls`` loadable by ``kind`` (what :func:`load` reads from ``composer.json``)."""
     REGISTRY[cls.kind] = cls
     return cls
 

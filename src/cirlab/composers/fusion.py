@@ -21,6 +21,9 @@ from .base import Composer, QueryRecipe, register
 
 @register
 class SumComposer(Composer):
+    """Bi-BLIP4CIR stage I: normalize(reference features + text features), with the fine-tuned
+    text encoder and its direction tokens (backward queries compose target + backward text)."""
+
     kind = "sum"
 
     @property
@@ -38,6 +41,9 @@ class SumComposer(Composer):
 
 @register
 class CombinerComposer(Composer):
+    """Bi-BLIP4CIR stage II: the CLIP4Cir Combiner head over the frozen stage-I image and text
+    features; only the head is trained."""
+
     kind = "combiner"
     heads = ("combiner",)
 

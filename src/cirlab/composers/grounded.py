@@ -44,6 +44,9 @@ def grounded_states(backbone: BlipBackbone, texts: list[str], ref_tokens: torch.
 
 @register
 class GroundedComposer(Composer):
+    """Candidate re-ranking's stage I (the filter): BLIP's image-grounded text encoder on
+    (reference tokens, text) against the gallery's projected CLS tokens."""
+
     kind = "grounded"
     gallery_field = "tokens"
     reference_field = "tokens"

@@ -34,6 +34,9 @@ def marker_id(backbone: Backbone, marker: str = MARKER) -> int:
 
 @register
 class ProjectionComposer(Composer):
+    """Projection-based zero-shot CIR: the prompt's ``$`` replaced by Phi(reference image
+    embedding), a pseudo-word; the gallery is the frozen image embeddings."""
+
     kind = "projection"
     heads = ("phi",)
 
@@ -54,6 +57,7 @@ class ProjectionComposer(Composer):
         return f"{self.phi.style}"
 
     def pseudo_words(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, token_dim) pseudo-word tokens of (B, d) image embeddings: what goes in at ``$``."""
         return self.phi(image_embeds.to(self.device).float())
 
     def encode_prompts(self, texts: list[str], pseudo: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,9 @@ def grounded_embeds(composer: Composer, tokens: torch.Tensor, texts: list[str]) 
 
 @register
 class ZeroShotComposer(Composer):
+    """A pretrained backbone composing without CIR training, in one of :data:`MODES` (see the
+    module docstring): the baselines every trained method is measured against."""
+
     kind = "zeroshot"
 
     def __init__(self, backbone: Backbone, recipe: QueryRecipe, mode: Mode = "sum"):

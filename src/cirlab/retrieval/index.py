@@ -99,6 +99,8 @@ class FaissIndex(VectorIndex):
 
     @classmethod
     def read(cls, folder: Path, manifest: dict[str, Any], *, mmap: bool = False) -> FaissIndex:
+        """The index in ``folder`` (use :func:`load_index`, which checks the folder first);
+        ``mmap``: mapped read-only, shared between processes."""
         import faiss
 
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0

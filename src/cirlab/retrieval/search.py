@@ -33,6 +33,9 @@ class Query:
 
 
 class Searcher:
+    """A composer and the index built with it: composed queries in, ranked gallery hits out.
+    What ``cirlab search`` and the server share; :meth:`open` checks that model and index match."""
+
     def __init__(self, composer: Composer, index: VectorIndex, folder: str | Path):
         self.composer, self.index, self.folder = composer, index, Path(folder)
 
@@ -51,14 +54,17 @@ class Searcher:
 
     @property
     def can_rerank(self) -> bool:
+        """Whether the model has a second stage, so that :meth:`search` accepts ``rerank=K``."""
         return self.composer.reranks
 
     def image_path(self, image_id: str) -> Path:
+        """The image file of a gallery id; ``KeyError`` for an id the index does not hold."""
         if image_id not in self.index:
             raise KeyError(image_id)
         return self.index.image_path(image_id, self.folder)
 
     def reference_image(self, query: Query) -> Image.Image:
+        """The query's reference as an RGB image: the given image, or the gallery image of its id."""
         if query.image is not None:
             return query.image.convert("RGB")
         try:

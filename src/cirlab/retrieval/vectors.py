@@ -31,6 +31,7 @@ MANIFEST, IDS, GALLERY = "index.json", "ids.json", "gallery.json"
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, as the manifest records it for every file of an index folder."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -49,6 +50,9 @@ def check_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Hit:
+    """One search result: a gallery image id and its score (inner product, the cosine for
+    normalised vectors; higher is better)."""
+
     id: str
     score: float
 
@@ -79,7 +83,8 @@ class VectorIndex(ABC):
     def _remove(self, ids: list[str]) -> None: ...
 
     @abstractmethod
-    def ids(self) -> list[str]: ...
+    def ids(self) -> list[str]:
+        """The ids the index holds."""
 
     def __len__(self) -> int:
         return len(self.ids())
@@ -145,10 +150,14 @@ class VectorIndex(ABC):
 
     # -- folders -------------------------------------------------------------------------------------
     def manifest(self) -> dict[str, Any]:
+        """The ``index.json`` fields (before the files' checksums): format, backend, dim, count, model."""
         return {"format": FORMAT, "version": VERSION, "backend": self.backend, "dim": self.dim, "metric": "ip",
                 "count": len(self), "model": self.model, **self.backend_config()}
 
     def backend_config(self) -> dict[str, Any]:
+        """The backend's own settings, saved in the manifest so that
+        :func:`~cirlab.retrieval.index.load_index` rebuilds it as it was (faiss: factory and search
+        parameters)."""
         return {}
 
     def probe(self) -> None:
