@@ -196,7 +196,7 @@ class ServeConfig(Strict):
     max_upload_bytes: int = Field(10 * 2**20, ge=1, description="request bodies above this are refused (413) "
                                   "before they are read")
     max_pixels: int = Field(40_000_000, ge=1, description="uploaded images with more pixels are refused (413) "
-                            "from their header, never decoded")
+                            "from their header, never decoded (cirlab.data.images.MAX_PIXELS caps it)")
     allowed_types: list[str] = ["image/png", "image/jpeg", "image/webp"]
     allowed_formats: list[str] = ["PNG", "JPEG", "WEBP"]
     max_text_chars: int = Field(500, ge=1)
@@ -205,6 +205,11 @@ class ServeConfig(Strict):
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the first query of a batch waits for others")
     max_queue: int = Field(64, ge=1, description="queries waiting beyond this are refused (429)")
     request_timeout_s: float = Field(30.0, gt=0, description="a query not answered by then gets 504")
+    health_timeout_s: float = Field(2.0, gt=0, description="/healthz answers 503 when the vector backend's probe "
+                                    "takes longer")
+    gallery_root: str | None = Field(None, description="gallery images are served only from inside this folder "
+                                     "(or the index folder); default: the deepest folder holding the gallery's "
+                                     "files at start")
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

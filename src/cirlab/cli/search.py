@@ -23,13 +23,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def search(args: argparse.Namespace) -> int:
-    from cirlab.data.images import load_image
+    from cirlab.data.images import load_as_shown
     from cirlab.data.show import draw_results
     from cirlab.retrieval.search import Query, Searcher
     from cirlab.utils.io import dump_json
 
+    # checked here: the index asks for max(k, rerank) results and would report that number instead
+    for name, value in (("-k", args.k), ("--rerank", args.rerank)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     searcher = Searcher.open(args.index, args.model, device=args.device)
-    query = Query(args.text, image=load_image(args.image)) if args.image else Query(args.text, id=args.id)
+    # the photo as a viewer shows it: upright by its EXIF orientation, 8-bit, transparency on white
+    query = Query(args.text, image=load_as_shown(args.image)) if args.image else Query(args.text, id=args.id)
     if query.id is not None and query.id not in searcher.index:
         raise ValueError(f"{args.index}: no gallery image {query.id!r}")
     hits, = searcher.search([query], k=args.k, rerank=args.rerank)

@@ -1,14 +1,17 @@
 """The HTTP API and web page: ``create_app(searcher, config)`` -> a FastAPI app.
 
 Endpoints: ``POST /search`` (an uploaded image or a gallery id, a text, k, optional re-ranking),
-``GET /images/{id}`` (gallery images only), ``GET /gallery`` (ids, for the page's picker),
-``GET /healthz``, ``GET /metrics`` (Prometheus text), and with an API key ``POST /index/images``
-and ``DELETE /index/images/{id}``; ``/`` is the web page (static files, no build step).
+``GET /images/{id}`` (gallery images only, from inside the gallery's folder), ``GET /gallery``
+(ids, for the page's picker), ``GET /healthz`` (probes the vector backend), ``GET /metrics``
+(Prometheus text), and with an API key ``POST /index/images`` and ``DELETE /index/images/{id}``;
+``/`` is the web page (static files, no build step).
 
 Every bound is checked before work is spent on a request: the body size before it is read
 (413), the declared type and the decoded format against allow-lists (415), the pixel count from
 the image header before decoding (413: a decompression bomb is never decoded), the text length
-and k (422), the queue (429) and a per-request timeout (504).
+and k (422), the queue (429, with Retry-After) and a per-request timeout (504). A vector backend
+that is away answers 503, on ``/healthz`` too. Every answer says ``nosniff`` and forbids
+framing; the page has a content security policy that its own static files satisfy.
 """
 
 from __future__ import annotations
@@ -17,23 +20,57 @@ import asyncio
 import hmac
 import io
 import json
+import math
+import os
 import time
+import unicodedata
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cirlab.config import ServeConfig
+from cirlab.data import images
+from cirlab.retrieval.gallery import IMAGE_SUFFIXES
 from cirlab.retrieval.search import Query as SearchQuery
 from cirlab.retrieval.search import Searcher
 from cirlab.serving.batching import Batcher, QueueFull
 from cirlab.serving.metrics import Metrics
 
 STATIC = Path(__file__).parent / "static"
+SERVED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}  # gallery files, by content
+HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+FORM_FIELDS = {"text": "the change to make", "image": "the image file", "id": "the gallery id"}
+
+
+class SecurityHeaders:
+    """ASGI middleware, outermost, so that every answer (the body limit's 413 included) says
+    ``nosniff`` and forbids framing; the page (``/``) also gets :data:`PAGE_POLICY` (only the
+    page: FastAPI's own ``/docs`` page needs inline scripts)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        extra = HEADERS + ([(b"content-security-policy", PAGE_POLICY.encode())] if scope["path"] == "/" else [])
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class BodyLimit:
@@ -76,32 +113,99 @@ class BodyLimit:
 
 
 def decode_upload(data: bytes, content_type: str | None, cfg: ServeConfig) -> Image.Image:
-    """The uploaded image, decoded only once its type, format and size are within the bounds."""
+    """The uploaded image as a viewer shows it (:func:`cirlab.data.images.to_rgb`: upright, 8-bit,
+    transparency on white, the first frame), decoded only once its type, format and size are
+    within the bounds."""
     if content_type not in cfg.allowed_types:
         raise HTTPException(415, f"image type {content_type!r} not accepted; send one of {cfg.allowed_types}")
+    limit = min(cfg.max_pixels, images.MAX_PIXELS)
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:  # Pillow's own check of the header, at twice max_pixels
-        raise HTTPException(413, f"image refused unread: {e}") from None
-    except (UnidentifiedImageError, OSError):
+        image = images.open_image(io.BytesIO(data), "the upload")  # reads the header only
+    except images.ImageTooLarge:
+        raise HTTPException(413, f"image refused unread: its header declares over {limit} pixels") from None
+    except images.UnreadableImage:
         raise HTTPException(415, "the upload is not a readable image") from None
     if image.format not in cfg.allowed_formats:
         raise HTTPException(415, f"image format {image.format} not accepted; send one of {cfg.allowed_formats}")
     width, height = image.size
-    if width * height > cfg.max_pixels:
-        raise HTTPException(413, f"image of {width}x{height} pixels is over the limit of {cfg.max_pixels} pixels")
+    if width * height > limit:
+        raise HTTPException(413, f"image of {width}x{height} pixels is over the limit of {limit} pixels")
     try:
-        image.load()
-    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+        return images.to_rgb(images.decoded(image, "the upload"))
+    except images.UnreadableImage as e:
         raise HTTPException(415, f"the image could not be decoded: {e}") from None
-    return image.convert("RGB")
+
+
+def gallery_root(searcher: Searcher) -> Path | None:
+    """The deepest folder holding every gallery image outside the index folder, as the gallery
+    names them at start (``index build`` writes real absolute paths); None when there is none.
+    Entries without an image suffix are left out, so that a hand-written ``/etc/passwd`` entry
+    cannot widen it to ``/``."""
+    folder = searcher.folder.resolve()
+    parents = {os.path.dirname(p) for p in searcher.index.gallery.values()  # str functions: 1M entries in ~1 s
+               if os.path.isabs(p) and os.path.splitext(p)[1].lower() in IMAGE_SUFFIXES}
+    outside = [p for p in parents if not Path(p).is_relative_to(folder)]
+    return Path(os.path.commonpath(outside)).resolve() if outside else None
+
+
+def servable(path: Path, roots: list[Path]) -> tuple[Path, str] | None:
+    """The real path and media type of gallery file ``path`` if it may be served, else None: its
+    name has an image suffix, its real path (symlinks resolved) lies inside one of ``roots``, and
+    Pillow reads its header as PNG, JPEG or WEBP (the type comes from the content, not the name)."""
+    real = path.resolve()
+    if path.suffix.lower() not in IMAGE_SUFFIXES or not any(real.is_relative_to(r) for r in roots):
+        return None
+    try:
+        with images.open_image(real) as image:
+            return (real, SERVED_FORMATS[image.format]) if image.format in SERVED_FORMATS else None
+    except OSError:  # absent, not an image, too large
+        return None
+
+
+def check_new_id(image_id: str) -> None:
+    """Refuse (422) an id that is not a clean relative name, or that the filesystem would refuse as
+    ``added/<id>.png``: a control character (NUL included) or a part over 255 bytes."""
+    parts = image_id.split("/")
+    if any(part in ("", ".", "..") for part in parts) or "\\" in image_id:
+        raise HTTPException(422, f"gallery id {image_id!r} is not a clean relative name")
+    control = next((c for c in image_id if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        raise HTTPException(422, f"gallery id {image_id!r} holds the control character {control!r}")
+    parts[-1] += ".png"
+    long = next((part for part in parts if len(os.fsencode(part)) > 255), None)
+    if long is not None:
+        raise HTTPException(422, f"gallery id {image_id!r}: the file name {long[:20]!r}... would be "
+                                 f"{len(os.fsencode(long))} bytes, over the filesystem's 255 (with '.png')")
+
+
+def missing_field(field: str) -> str:
+    return f"{field} is empty; send {FORM_FIELDS[field]} as the form field {field!r} of a multipart/form-data body"
+
+
+def sentence(error: dict[str, Any]) -> str:
+    """One of FastAPI's validation errors as a sentence naming the field."""
+    loc = [str(part) for part in error.get("loc", ())] or ["body", "request"]
+    where, field = loc[0], loc[-1]
+    if error.get("type") == "missing" and field in FORM_FIELDS:
+        return missing_field(field)
+    kind = {"body": "form field", "query": "query parameter", "path": "path parameter"}.get(where, where)
+    return f"{kind} {field!r}: {error.get('msg', 'invalid')}"
 
 
 def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: str | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
-    Image.MAX_IMAGE_PIXELS = cfg.max_pixels  # Pillow's own bomb guard, behind the header check
+    root = Path(cfg.gallery_root).resolve() if cfg.gallery_root else gallery_root(searcher)
+    roots = [searcher.folder.resolve(), *([root] if root else [])]  # where served images may lie
+    pace = {"batch_s": 0.0}  # how long the last batch took: what a 429's Retry-After is computed from
 
     def run(items: list[tuple[SearchQuery, int, int | None]]) -> list[Any]:
+        start = time.perf_counter()
+        try:
+            return run_batch(items)
+        finally:
+            pace["batch_s"] = time.perf_counter() - start
+
+    def run_batch(items: list[tuple[SearchQuery, int, int | None]]) -> list[Any]:
         """One model call per batch: plain queries together, re-ranked ones one by one."""
         out: list[Any] = [None] * len(items)
         plain = [n for n, (_, _, rerank) in enumerate(items) if not rerank]
@@ -140,6 +244,25 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
         return response
 
     app.add_middleware(BodyLimit, max_bytes=cfg.max_upload_bytes)
+    app.add_middleware(SecurityHeaders)  # added last: outermost
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": "; ".join(sentence(e) for e in exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # only the form parser answers 400
+            exc = HTTPException(400, f"the request body could not be read as multipart/form-data: {exc.detail}")
+        return await http_exception_handler(request, exc)
+
+    def retry_after() -> dict[str, str]:
+        """Seconds until the queue has drained at the last batch's pace (at least 1)."""
+        batches = math.ceil(batcher.depth / cfg.max_batch)
+        return {"Retry-After": str(max(1, math.ceil(batches * pace["batch_s"])))}
+
+    def unavailable(e: Exception) -> HTTPException:
+        return HTTPException(503, f"the vector backend ({searcher.index.backend}) is unavailable: {e}; retry shortly")
 
     def hit_json(hits) -> list[dict[str, Any]]:
         return [{"id": h.id, "score": h.score, "url": f"/images/{h.id}"} for h in hits]
@@ -147,6 +270,8 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
     @app.post("/search")
     async def search(text: str = Form(...), k: int = Form(10), id: str | None = Form(None),
                      rerank: int | None = Form(None), image: UploadFile | None = File(None)):
+        if not text.strip():
+            raise HTTPException(422, missing_field("text"))
         if len(text) > cfg.max_text_chars:
             raise HTTPException(422, f"text of {len(text)} characters is over the limit of {cfg.max_text_chars}")
         if not 1 <= k <= cfg.max_k:
@@ -169,9 +294,12 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
         try:
             hits = await batcher.submit((query, k, rerank), timeout=cfg.request_timeout_s)
         except QueueFull:
-            raise HTTPException(429, "too many queries waiting; retry shortly") from None
+            raise HTTPException(429, "too many queries waiting; retry after the seconds in Retry-After",
+                                headers=retry_after()) from None
         except asyncio.TimeoutError:
             raise HTTPException(504, f"no answer within {cfg.request_timeout_s} s") from None
+        except ConnectionError as e:
+            raise unavailable(e) from None
         return {"reference": id, "text": text, "k": k, "rerank": rerank, "results": hit_json(hits),
                 "ms": round(1000 * (time.perf_counter() - start), 2)}
 
@@ -179,10 +307,10 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
     async def images(image_id: str):
         if image_id not in searcher.index:  # only gallery ids: no path from the request reaches the disk
             raise HTTPException(404, f"unknown gallery id {image_id!r}")
-        path = searcher.image_path(image_id)
-        if not path.is_file():
-            raise HTTPException(404, f"the image file of {image_id!r} is gone")
-        return FileResponse(path)
+        served = await asyncio.to_thread(servable, searcher.image_path(image_id), roots)
+        if served is None:
+            raise HTTPException(404, f"the image file of {image_id!r} is gone, or not an image inside the gallery")
+        return FileResponse(served[0], media_type=served[1])
 
     @app.get("/gallery")
     async def gallery(offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=1000)):
@@ -191,6 +319,14 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
 
     @app.get("/healthz")
     async def healthz():
+        """200 while the backend answers its probe within ``health_timeout_s``, else 503."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(searcher.index.probe), cfg.health_timeout_s)
+        except asyncio.TimeoutError:
+            return JSONResponse({"status": "unavailable", "detail": f"the vector backend ({searcher.index.backend}) "
+                                 f"did not answer within {cfg.health_timeout_s} s"}, status_code=503)
+        except Exception as e:  # ConnectionError, or whatever a client library raises while its server is away
+            return JSONResponse({"status": "unavailable", "detail": str(e)}, status_code=503)
         return {"status": "ok", "images": len(searcher.index), "model": searcher.composer.name,
                 "backend": searcher.index.backend, "rerank": searcher.can_rerank}
 
@@ -206,14 +342,16 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
 
     async def in_model_thread(fn, *args):
         """Index changes run on the model's thread, between batches, never during a search."""
-        return await asyncio.get_running_loop().run_in_executor(batcher.executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(batcher.executor, fn, *args)
+        except ConnectionError as e:
+            raise unavailable(e) from None
 
     @app.post("/index/images")
     async def add_image(id: str = Form(..., min_length=1, max_length=256), image: UploadFile = File(...),
                         x_api_key: str | None = Header(None)):
         authorize(x_api_key)
-        if any(part in ("", ".", "..") for part in id.split("/")) or "\\" in id:
-            raise HTTPException(422, f"gallery id {id!r} is not a clean relative name")
+        check_new_id(id)
         picture = await asyncio.to_thread(decode_upload, await image.read(), image.content_type, cfg)
 
         def add() -> None:
