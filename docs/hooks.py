@@ -128,6 +128,11 @@ _loader: griffe.GriffeLoader | None = None
 DIRECTIVE = re.compile(r"^::: *(?P<name>[\w.]+) *\n(?P<options>(?:[ \t]+.*\n?)*)", re.MULTILINE)
 
 
+def on_pre_build(config, **kwargs):
+    global _loader
+    _loader = None  # `mkdocs serve` rebuilds after an edit: read the sources again
+
+
 def _load(name: str) -> griffe.Object:
     global _loader
     if _loader is None:
@@ -171,7 +176,7 @@ def on_page_markdown(markdown: str, page, config, files, **kwargs):
         options = (yaml.safe_load(match["options"]) or {}).get("options", {}) if match["options"].strip() else {}
         try:
             obj = _load(match["name"])
-        except (KeyError, griffe.AliasResolutionError, ImportError) as e:
+        except (KeyError, griffe.AliasResolutionError, ImportError):
             continue  # mkdocstrings reports it
         missing = undocumented(obj, options.get("members"))
         for path in missing:
