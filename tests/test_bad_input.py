@@ -78,15 +78,17 @@ def test_corrupt_images_raise_one_error_naming_the_file(tmp_path):
     assert load_image(write_image(tmp_path / "good.png")).size == (12, 12)
 
 
-def test_decompression_bomb_warning_band_is_unreadable_too(tmp_path, monkeypatch):
+def test_the_decompression_bomb_warning_band_decodes_quietly_and_the_limit_refuses(tmp_path, monkeypatch):
+    from cirlab.data import images
+
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    path = write_image(tmp_path / "big.png", (12, 12))  # 144 px: over the limit, under twice it
+    monkeypatch.setattr(images, "MAX_PIXELS", 200)  # Pillow's bomb limit: twice its warning level
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(UnreadableImage, match="big.png"):
-            load_image(path)
+        assert load_image(write_image(tmp_path / "big.png", (12, 12))).size == (12, 12)  # 144 px: warning band
+        with pytest.raises(UnreadableImage, match="huge.png"):
+            load_image(write_image(tmp_path / "huge.png", (12, 20)))  # 240 px: over the limit
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
-    assert load_image(write_image(tmp_path / "small.png", (8, 8))).size == (8, 8)
 
 
 def test_datasets_skip_and_count_unreadable_images(tmp_path):
@@ -128,7 +130,7 @@ def run_check(root: Path, *extra: str) -> int:
 def test_data_check_decode_finds_a_text_file_named_png(cirr_root, capsys):
     assert run_check(cirr_root) == 0
     (cirr_root / "dev" / "dev-3.png").write_text("this is text, not a PNG\n")
-    assert run_check(cirr_root) == 0  # a stat alone cannot tell
+    assert run_check(cirr_root) == 1  # its header is read: not an image
     capsys.readouterr()
     assert run_check(cirr_root, "--decode") == 1
     out = capsys.readouterr().out
@@ -314,7 +316,7 @@ def test_drop_missing_on_a_test_split_and_with_decode(tmp_path):
     kept, dropped = drop_missing(split)
     assert [q.qid for q in kept.queries] == ["1", "2"] and kept.gallery == gallery
     (tmp_path / "b.png").write_text("text")
-    assert drop_missing(split)[1].images == ("z",)  # without decoding, a stat cannot tell
+    assert drop_missing(split)[1].images == ("b", "z")  # without decoding, its header tells
     kept, dropped = drop_missing(split, decode=True)
     assert [q.qid for q in kept.queries] == ["1"] and kept.gallery == ["a", "c"] and dropped.images == ("b", "z")
 
