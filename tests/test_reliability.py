@@ -136,3 +136,35 @@ def test_index_folders_are_shared_like_every_other_output(index_copy):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(index.stat().st_mode) == 0o777 & ~umask
+
+
+def test_a_server_that_may_change_the_index_is_its_one_writer(index_copy, tiny_shapes, tmp_path, capsys):
+    """With an API key the server saves the index it holds in memory after each change; an `index
+    build --add` beside it would be overwritten by the next save, so it is refused while it runs."""
+    import socket
+    import time
+    import urllib.request
+
+    model, index = index_copy
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "cirlab", "serve", "--index", str(index), "--port", str(port),
+                               "--api-key", "k"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        cli_error(capsys, ["index", "build", "--model", model, "--dataset", "shapes", "--root", tiny_shapes,
+                           "--split", "val", "--out", index, "--add"], "being written by another process",
+                  f"pid {server.pid}")
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert main(["index", "build", "--model", str(model), "--dataset", "shapes", "--root", str(tiny_shapes),
+                 "--split", "val", "--out", str(index), "--add"]) == 0

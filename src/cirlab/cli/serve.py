@@ -24,18 +24,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def serve(args: argparse.Namespace) -> int:
     import os
 
+    from contextlib import nullcontext
+
     import uvicorn
 
     from cirlab.config import load_serve_config
     from cirlab.retrieval.search import Searcher
     from cirlab.serving.app import create_app
+    from cirlab.utils.io import exclusive
 
     cfg = load_serve_config(args.config, args.overrides)
     api_key = args.api_key or os.environ.get("CIRLAB_API_KEY")
-    # read-only memory map unless the index may change (then it must be in memory to be written)
-    searcher = Searcher.open(args.index, args.model, device=args.device, mmap=api_key is None)
-    app = create_app(searcher, cfg, api_key=api_key)
-    print(f"serving {args.index} ({len(searcher.index)} images, model {searcher.composer.name}) "
-          f"on http://{args.host}:{args.port}/")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # a server that may change the index is its one writer for its whole life: an `index build
+    # --add` meanwhile is refused, instead of being overwritten by the server's next save
+    with exclusive(args.index, "index folder") if api_key else nullcontext():
+        # read-only memory map unless the index may change (then it must be in memory to be written)
+        searcher = Searcher.open(args.index, args.model, device=args.device, mmap=api_key is None)
+        app = create_app(searcher, cfg, api_key=api_key)
+        print(f"serving {args.index} ({len(searcher.index)} images, model {searcher.composer.name}) "
+              f"on http://{args.host}:{args.port}/")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
