@@ -68,6 +68,8 @@ def default_collection(folder: str | Path) -> str:
 
 
 def check_collection_name(name: str) -> str:
+    """``name`` if Milvus accepts it as a collection alias with room for a build's suffix; else a
+    ValueError saying the rule (before any server is asked)."""
     if not NAME.fullmatch(name) or len(name) > MAX_NAME - SUFFIX:
         raise ValueError(f"Milvus collection name {name!r}: letters, digits and underscores, starting with a letter "
                          f"or an underscore, at most {MAX_NAME - SUFFIX} characters (each build appends _<8 hex>)")
@@ -238,6 +240,7 @@ class MilvusIndex(VectorIndex):
 
     @classmethod
     def read(cls, folder: Path, manifest: dict[str, Any]) -> MilvusIndex:
+        """The index of ``folder``: its collection, checked to hold this folder's index and its count."""
         for key in ("uri", "collection", "target", "index_id"):
             if not isinstance(manifest.get(key), str):
                 raise ValueError(f"{folder}: field {key!r} of the Milvus index manifest is missing (an index of an "
@@ -357,6 +360,7 @@ class LiteServer:
             self.proc = None
 
     def stop(self) -> None:
+        """End the server process (terminate, then kill after 10 s); its data folder stays."""
         if self.proc is not None:
             self.proc.terminate()
             try:
