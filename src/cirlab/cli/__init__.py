@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["cirlab.cli.data", "cirlab.cli.score", "cirlab.cli.train", "cirlab.cli.evaluate", "cirlab.cli.curves",
+COMMANDS = ["cirlab.cli.data", "cirlab.cli.score", "cirlab.cli.compare", "cirlab.cli.train", "cirlab.cli.evaluate", "cirlab.cli.curves",
             "cirlab.cli.demo", "cirlab.cli.importing", "cirlab.cli.index", "cirlab.cli.search", "cirlab.cli.serve", "cirlab.cli.spn"]
 
 

@@ -293,5 +293,14 @@ def evaluate_composer(composer: Composer, splits: Sequence[CIRSplit], *, batch_s
 def write_predictions(out: str | Path, name: str, evaluation: Evaluation, row: str) -> list[Path]:
     """Write one row's rankings in the benchmark's submission format (any split, val included):
     CIRR and shapes the two server files, CIRCO its file, FashionIQ one file for every category."""
-    tag = f"{name}-{row}".replace("+", "_").replace("@", "at").replace("/", "_")
-    return write_submission(out, tag, evaluation.splits, evaluation.rankings[row])
+    return write_submission(out, prediction_tag(name, row), evaluation.splits, evaluation.rankings[row])
+
+
+def prediction_tag(name: str, row: str) -> str:
+    """The ``<name>-<row>`` part of a row's prediction file names, safe in a file name."""
+    return f"{name}-{row_tag(row)}"
+
+
+def row_tag(row: str) -> str:
+    """A row name as its prediction files spell it (``rerank@10+fusion`` -> ``rerankat10_fusion``)."""
+    return row.replace("+", "_").replace("@", "at").replace("/", "_")

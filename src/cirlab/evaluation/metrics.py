@@ -110,9 +110,15 @@ def recall_at_k(hits: Tensor, ks: Iterable[int]) -> dict[int, float]:
     The denominator is the number of queries (CLIP4Cir issue #8: a query whose target is
     missing from the ranking still counts as a miss).
     """
+    return {k: v.mean().item() * 100 for k, v in hits_at_k(hits, ks).items()}
+
+
+def hits_at_k(hits: Tensor, ks: Iterable[int]) -> dict[int, Tensor]:
+    """Per query, 1.0 where a positive lies in the top K, else 0.0 (``DoubleTensor[Q]`` per K):
+    R@K is their mean, and paired comparisons (:mod:`cirlab.evaluation.compare`) need them one by one."""
     ks = _check_ks(hits, ks)
     found = hits.cumsum(dim=1) > 0  # found[:, r]: a positive within the top r+1
-    return {k: found[:, k - 1].double().mean().item() * 100 for k in ks}
+    return {k: found[:, k - 1].double() for k in ks}
 
 
 def average_precision_at_k(hits: Tensor, n_positives: Tensor, ks: Iterable[int]) -> dict[int, float]:
@@ -122,6 +128,11 @@ def average_precision_at_k(hits: Tensor, n_positives: Tensor, ks: Iterable[int])
     AP@K = sum of those precisions over the top K divided by ``min(#GT, K)``, where #GT is
     the query's total number of ground truths (so a query with 7 GTs can reach AP@5 = 1).
     """
+    return {k: v.mean().item() * 100 for k, v in average_precision_per_query(hits, n_positives, ks).items()}
+
+
+def average_precision_per_query(hits: Tensor, n_positives: Tensor, ks: Iterable[int]) -> dict[int, Tensor]:
+    """Each query's AP@K in [0, 1] (``DoubleTensor[Q]`` per K), as :func:`average_precision_at_k` defines it."""
     ks = _check_ks(hits, ks)
     n_positives = torch.as_tensor(n_positives, dtype=torch.double)
     if (n_positives < 1).any():
@@ -129,7 +140,7 @@ def average_precision_at_k(hits: Tensor, n_positives: Tensor, ks: Iterable[int])
     h = hits.double()
     ranks = torch.arange(1, h.shape[1] + 1, dtype=torch.double)
     precision_sum = (h.cumsum(dim=1) * h / ranks).cumsum(dim=1)
-    return {k: (precision_sum[:, k - 1] / n_positives.clamp(max=k)).mean().item() * 100 for k in ks}
+    return {k: precision_sum[:, k - 1] / n_positives.clamp(max=k) for k in ks}
 
 
 def subset_recall(

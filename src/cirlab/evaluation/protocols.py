@@ -28,7 +28,8 @@ from torch import Tensor
 from cirlab.data.base import CIRSplit, Protocol
 from cirlab.data.registry import benchmark
 from cirlab.evaluation.metrics import (
-    average_precision_at_k,
+    average_precision_per_query,
+    hits_at_k,
     hits_from_ranking,
     pad_indices,
     rank_gallery,
@@ -109,18 +110,27 @@ def index_split(split: CIRSplit, *, require_targets: bool = True) -> SplitIndex:
     return index
 
 
-def _score(split: CIRSplit, index: SplitIndex, ranking: Tensor, subset_ranking: Tensor | None) -> dict[str, float]:
-    """The one scorer: ranking [Q, depth] (and subset ranking [Q, S]) -> named metrics."""
+def _query_values(split: CIRSplit, index: SplitIndex, ranking: Tensor,
+                  subset_ranking: Tensor | None) -> dict[str, Tensor]:
+    """Each query's value of every metric but Avg (``DoubleTensor[Q]``: 1/0 hits, AP in [0, 1]);
+    a metric is the mean of its values in percent."""
     proto = protocol_for(split)
     hits = hits_from_ranking(ranking, index.positives)
-    out = {f"R@{k}": v for k, v in recall_at_k(hits, proto.recall_ks).items()}
+    out = {f"R@{k}": v for k, v in hits_at_k(hits, proto.recall_ks).items()}
     if proto.map_ks:
         gt_hits = hits_from_ranking(ranking, index.ground_truths)
-        aps = average_precision_at_k(gt_hits, index.n_ground_truths, proto.map_ks)
+        aps = average_precision_per_query(gt_hits, index.n_ground_truths, proto.map_ks)
         out = {**{f"mAP@{k}": v for k, v in aps.items()}, **out}
     if subset_ranking is not None:
         subset_hits = hits_from_ranking(subset_ranking, index.positives)
-        out.update({f"Rs@{k}": v for k, v in recall_at_k(subset_hits, proto.subset_ks).items()})
+        out.update({f"Rs@{k}": v for k, v in hits_at_k(subset_hits, proto.subset_ks).items()})
+    return out
+
+
+def _score(split: CIRSplit, index: SplitIndex, ranking: Tensor, subset_ranking: Tensor | None) -> dict[str, float]:
+    """The one scorer: ranking [Q, depth] (and subset ranking [Q, S]) -> named metrics."""
+    out = {name: v.mean().item() * 100 for name, v in _query_values(split, index, ranking, subset_ranking).items()}
+    if "Rs@1" in out:
         out["Avg"] = (out["R@5"] + out["Rs@1"]) / 2
     return _named(split, out)
 
@@ -240,6 +250,19 @@ def evaluate_rankings(split: CIRSplit, ranked: Mapping[str, Sequence[str]],
     """
     index = index_split(split)
     return _score(split, index, *_rankings(split, index, ranked, subset_ranked, labels))
+
+
+def query_values(split: CIRSplit, ranked: Mapping[str, Sequence[str]],
+                 subset_ranked: Mapping[str, Sequence[str]] | None = None,
+                 labels: tuple[str, str] = ("rankings", "subset rankings")) -> dict[str, Tensor]:
+    """Each query's value of every metric of :func:`evaluate_rankings` (``DoubleTensor[Q]`` in
+    split order; Avg per query too): the mean of each, in percent, is that metric. Paired
+    tests between two models need these per-query values, not only their means."""
+    index = index_split(split)
+    out = _query_values(split, index, *_rankings(split, index, ranked, subset_ranked, labels))
+    if "Rs@1" in out:
+        out["Avg"] = (out["R@5"] + out["Rs@1"]) / 2
+    return _named(split, out)
 
 
 def combine_splits(splits: Sequence[CIRSplit], results: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -30,6 +30,23 @@ def _read(path: Path, splits: Sequence[CIRSplit], metric: str) -> dict[str, list
     return ranked
 
 
+SplitRankings = tuple[dict[str, list[str]], dict[str, list[str]] | None]
+
+
+def read_rankings(splits: Sequence[CIRSplit], predictions: str | os.PathLike,
+                  subset_predictions: str | os.PathLike | None = None) -> list[SplitRankings]:
+    """Per split, the (ranked, subset ranked) ids of one predictions file covering every query
+    of ``splits`` (a FashionIQ file may hold more categories than ``splits``)."""
+    ranked = _read(Path(predictions), splits, "recall")
+    subset = None if subset_predictions is None else _read(Path(subset_predictions), splits, "recall_subset")
+    out = []
+    for split in splits:
+        own = {q.qid for q in split.queries}
+        out.append(({k: v for k, v in ranked.items() if k in own},
+                    None if subset is None else {k: v for k, v in subset.items() if k in own}))
+    return out
+
+
 def score_predictions(splits: Sequence[CIRSplit], predictions: str | os.PathLike,
                       subset_predictions: str | os.PathLike | None = None) -> dict[str, float]:
     """Metrics (percent) of one predictions file covering every query of ``splits``.
@@ -37,19 +54,9 @@ def score_predictions(splits: Sequence[CIRSplit], predictions: str | os.PathLike
     Without ``subset_predictions`` the Rs@K metrics and Avg are left out. A FashionIQ file
     (a benchmark with categories) may hold every category when fewer are scored.
     """
-    predictions = Path(predictions)
-    ranked = _read(predictions, splits, "recall")
-    subset = None
-    if subset_predictions is not None:
-        subset_predictions = Path(subset_predictions)
-        subset = _read(subset_predictions, splits, "recall_subset")
-    results = []
-    for split in splits:
-        own = {q.qid for q in split.queries}
-        part = {k: v for k, v in ranked.items() if k in own}
-        subset_part = None if subset is None else {k: v for k, v in subset.items() if k in own}
-        results.append(evaluate_rankings(split, part, subset_part,
-                                         labels=(str(predictions), str(subset_predictions))))
+    labels = (str(predictions), str(subset_predictions))
+    results = [evaluate_rankings(split, ranked, subset, labels=labels)
+               for split, (ranked, subset) in zip(splits, read_rankings(splits, predictions, subset_predictions))]
     return combine_splits(splits, results)
 
 

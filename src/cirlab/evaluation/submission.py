@@ -85,9 +85,10 @@ def write_cirr_submission(out_dir: str | os.PathLike, name: str, ranked: Ranking
     validate_rankings(split, ranked, subset_ranked, labels=("CIRR rankings", "CIRR subset rankings"))
     out_dir = Path(out_dir)
     texts = {}
-    for prefix, metric, lists, k in (("recall_submission", "recall", ranked, TOP_K),
-                                     ("recall_subset_submission", "recall_subset", subset_ranked, SUBSET_TOP_K)):
-        path = out_dir / f"{prefix}_{name}.json"
+    recall_name, subset_name = FILE_NAMES["cirr"](name)
+    for file_name, metric, lists, k in ((recall_name, "recall", ranked, TOP_K),
+                                        (subset_name, "recall_subset", subset_ranked, SUBSET_TOP_K)):
+        path = out_dir / file_name
         payload: dict[str, Any] = {"version": "rc2", "metric": metric}
         payload.update({_pairid(qid): list(ids[:k]) for qid, ids in lists.items()})
         texts[path] = _serialize(path, payload, MAX_SUBMISSION_BYTES)
@@ -178,12 +179,18 @@ def _cirr_files(out: Path, tag: str, splits: Sequence[CIRSplit], rankings: Seque
 
 def _circo_file(out: Path, tag: str, splits: Sequence[CIRSplit], rankings: Sequence[tuple]) -> list[Path]:
     (ranked, _), = rankings
-    return [write_circo_submission(out / f"circo_submission_{tag}.json", ranked, split=splits[0])]
+    return [write_circo_submission(out / FILE_NAMES["circo"](tag)[0], ranked, split=splits[0])]
 
 
 def _fashioniq_file(out: Path, tag: str, splits: Sequence[CIRSplit], rankings: Sequence[tuple]) -> list[Path]:
     merged = {qid: ids for ranked, _ in rankings for qid, ids in ranked.items()}
-    return [write_fashioniq_predictions(out / f"fashioniq_predictions_{tag}.json", merged, splits=splits)]
+    return [write_fashioniq_predictions(out / FILE_NAMES["fashioniq"](tag)[0], merged, splits=splits)]
+
+
+# a submission format -> the names of the files its writer gives a tag: (ranked, subset ranked or None)
+FILE_NAMES = {"cirr": lambda tag: (f"recall_submission_{tag}.json", f"recall_subset_submission_{tag}.json"),
+              "circo": lambda tag: (f"circo_submission_{tag}.json", None),
+              "fashioniq": lambda tag: (f"fashioniq_predictions_{tag}.json", None)}
 
 
 # a benchmark's ``submission`` format -> writer(out folder, file tag, splits, per-split (ranked, subset ranked))
