@@ -18,8 +18,22 @@ from cirlab.config import dataset_defaults, load_config
 DATASET_HELP = "a registered benchmark: shapes, cirr, fashioniq, circo, or a plugin's (CIRLAB_PLUGINS)"
 
 
+DESCRIPTION = """\
+Score a model on a split: print the metrics table and write metrics.json, eval.json and the \
+predictions in the benchmark's submission format into the output folder (--run-dir) for any \
+split, val included (cirlab score reads them back to the same numbers).
+
+What to evaluate: --model DIR, an exported model folder (<run-dir>/model of cirlab train) or a \
+plain BLIP / CLIP folder (its zero-shot model), on --dataset / --root; or --config FILE, a \
+zero-shot config (one row per mode, on model.backbone) or a pretraining config (scene caption \
+retrieval of model.backbone), on the config's data.dataset / data.root.
+
+Images missing on disk are left out, and the report says how many."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a split (metrics.json + predictions files)")
+    p = sub.add_parser("eval", help="evaluate a model on a split (metrics.json + predictions files)",
+                       description=DESCRIPTION)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", type=Path, help="an exported model folder (<run>/model)")
     what.add_argument("--config", type=Path, help="a zero-shot or pretraining config")
@@ -127,12 +141,18 @@ def _evaluate_config(args: argparse.Namespace) -> int:
 
 def _splits(dataset: str, root: Path | str, split: str, categories: list[str] | None, decode: bool = False):
     """The splits without their missing (``decode``: or undecodable) images, reported once."""
-    from cirlab.data.check import drop_missing
+    from cirlab.data.check import drop_missing, suggest_root
     from cirlab.data.registry import load_splits
 
     kept = []
     for s in load_splits(dataset, root, split, categories=categories):
-        s, dropped = drop_missing(s, decode=decode)
+        try:
+            s, dropped = drop_missing(s, decode=decode)
+        except ValueError as e:  # nothing left: a root one level off holds every image?
+            other = suggest_root([s], root)
+            if other is None:
+                raise
+            raise ValueError(f"{e} The images are under {other}: try it as the dataset root.") from None
         if dropped.images:
             print(dropped)
         kept.append(s)

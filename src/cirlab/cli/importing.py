@@ -10,6 +10,10 @@ import argparse
 from pathlib import Path
 
 HELP = "import a released checkpoint of the official code (docs/models.md)"
+DESCRIPTION = ("Turn a checkpoint released with a method's official code into a cirlab model folder: "
+               "cirlab import KIND CHECKPOINT... --out DIR. cirlab eval --model, cirlab index build and "
+               "cirlab.load() then use it like a model trained here. cirlab import KIND --help lists a "
+               "kind's arguments; docs/models.md lists the releases and where they come from.")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
     """The full ``cirlab import`` parser, one sub-parser per importer kind."""
     from cirlab.importers import IMPORTERS
 
-    p = argparse.ArgumentParser(prog="cirlab import", description=__doc__.splitlines()[0])
+    from cirlab.cli import Parser
+
+    p = Parser(prog="cirlab import", description=DESCRIPTION)
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     for importer in IMPORTERS.values():
         k = kinds.add_parser(importer.kind, help=importer.help, description=importer.help)

@@ -11,7 +11,7 @@ DATASET_HELP = "a registered benchmark: shapes, cirr, fashioniq, circo, or a plu
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build or inspect a gallery index")
-    commands = p.add_subparsers(dest="index_command", required=True)
+    commands = p.add_subparsers(dest="index_command", required=True, metavar="COMMAND")
     b = commands.add_parser("build", help="encode a gallery with a model into an index folder")
     b.add_argument("--model", required=True, type=Path, help="an exported model folder (<run>/model)")
     source = b.add_mutually_exclusive_group(required=True)
@@ -22,18 +22,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", required=True, type=Path, help="the index folder (written atomically)")
     b.add_argument("--add", action="store_true", help="add to the existing index in --out (same model) instead "
                    "of replacing it; ids already there get their new vector")
-    b.add_argument("--backend", choices=["faiss", "milvus"], default="faiss")
+    b.add_argument("--backend", choices=["faiss", "milvus"], default="faiss",
+                   help="where the vectors live: faiss (files in the index folder) or milvus (a Milvus server, "
+                   "--uri) (default: %(default)s)")
     b.add_argument("--factory", default="Flat", help="faiss index-factory string: Flat (exact, default), HNSW32, "
                    "IVF4096,PQ32np,RFlat ... (see docs/serving.md)")
-    b.add_argument("--params", default="", help="faiss search parameters, e.g. nprobe=32,k_factor_rf=4 or efSearch=128")
-    b.add_argument("--uri", help="milvus: the server, e.g. http://127.0.0.1:19530")
+    b.add_argument("--params", default="", help="faiss search parameters, e.g. nprobe=32,k_factor_rf=4 or efSearch=128 "
+                   "(default: none, faiss's own)")
+    b.add_argument("--uri", help="milvus: the server, e.g. http://127.0.0.1:19530 (required with --backend milvus)")
     b.add_argument("--collection", help="milvus: the alias naming the index's collection (default "
                    "cirlab_<folder name>_<hash of its path>: one per index folder)")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--batch-size", type=int, default=64, help="images encoded per batch (default: %(default)s)")
+    b.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:1 (default: %(default)s)")
     b.set_defaults(func=build)
     i = commands.add_parser("info", help="print an index's manifest")
-    i.add_argument("index", type=Path)
+    i.add_argument("index", type=Path, help="the index folder")
     i.set_defaults(func=info)
 
 

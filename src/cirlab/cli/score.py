@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score a predictions / submission file against a split's annotations")
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--root", required=True, type=Path, help="the dataset root, as for `cirlab data check`")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the split the predictions are for; it must have annotations "
+                   "(default: %(default)s)")
     p.add_argument("--predictions", required=True, type=Path,
                    help="CIRR recall_submission_*.json, CIRCO or FashionIQ predictions")
     p.add_argument("--subset-predictions", type=Path,

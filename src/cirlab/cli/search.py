@@ -13,12 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--image", type=Path, help="the reference image file")
     ref.add_argument("--id", help="the reference as a gallery id (left out of the results)")
     p.add_argument("--text", required=True, help='the modification, e.g. "make it blue"')
-    p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    p.add_argument("-k", type=int, default=10, help="how many results (default: %(default)s)")
     p.add_argument("--rerank", type=int, metavar="K", help="re-ranking models: re-rank the index's top K")
     p.add_argument("--model", type=Path, help="the model folder (default: the one the index was built with)")
     p.add_argument("--grid", type=Path, help="also draw the reference, the text and the results into this PNG")
     p.add_argument("--json", action="store_true", help="print one JSON list of {id, score}")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:1 (default: %(default)s)")
     p.set_defaults(func=search)
 
 

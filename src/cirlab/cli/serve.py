@@ -13,11 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="a serve config (default configs/serve/default.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a serve config field, e.g. --set max_batch=32")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 listens on every network interface "
+                   "(default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s)")
     p.add_argument("--api-key", help="enables the endpoints that change the index, for requests with this "
                    "X-API-Key (default: the environment's CIRLAB_API_KEY; none: index changes are refused)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of the model: cpu, cuda, cuda:1 (default: %(default)s)")
     p.set_defaults(func=serve)
 
 

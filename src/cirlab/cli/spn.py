@@ -9,7 +9,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("spn", help="SPN's offline steps (stage 2 trains with `cirlab train`)")
-    commands = p.add_subparsers(dest="spn_command", required=True)
+    commands = p.add_subparsers(dest="spn_command", required=True, metavar="COMMAND")
     g = commands.add_parser("generate", help="caption the training images and write generated triplets")
     g.add_argument("--config", required=True, type=Path, help="a config with method.stage: generate")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -12,14 +12,40 @@ from pathlib import Path
 from cirlab.config import load_config
 
 
+DESCRIPTIONS = {
+    "pretrain": "Pretrain a small BLIP on the shapes benchmark's scene captions (image-text "
+                "contrastive), from a config such as configs/pretrain/shapes_blip.yaml.",
+    "train": "Train a method from an experiment config (configs/<method>/<dataset>_*.yaml).",
+}
+DESCRIPTION = """{what}
+
+Where the result goes: the run directory (--run-dir, default <trainer.output_dir>/<name>-<time>, \
+i.e. runs/<name>-<time>) holds config.yaml, metrics.jsonl, the checkpoints (latest.pt, best.pt) \
+and, at the end, the exported {produces} folder <run-dir>/{produces}, written from best.pt when \
+trainer.select_metric is set (else from the final weights). {use}
+
+Device: the first CUDA GPU when one is visible, else the CPU; CIRLAB_DEVICE=cpu forces the CPU. \
+Several GPUs: torchrun --standalone --nproc_per_node N -m cirlab {command} ... (one process per \
+GPU, data parallel). Precision: trainer.precision (auto: bf16 where the hardware runs it \
+natively, else fp32; CIRLAB_PRECISION overrides). docs/training.md has the details.
+
+A stage that writes files instead of a model (SPN's method.stage: generate) runs in one pass and \
+prints what it wrote."""
+USES = {"pretrain": "Use it as model.backbone of a later config.",
+        "train": "Evaluate it with cirlab eval --model <run-dir>/model, index it with cirlab index "
+                 "build --model <run-dir>/model, or load it in Python with cirlab.load(\"<run-dir>/model\")."}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    for name, help_text in (("pretrain", "pretrain a small backbone on shapes scene captions"),
-                            ("train", "train a method")):
-        p = sub.add_parser(name, help=help_text)
+    for name, help_text, produces in (("pretrain", "pretrain a small backbone on shapes scene captions", "backbone"),
+                                      ("train", "train a method; the model ends up in <run-dir>/model", "model")):
+        p = sub.add_parser(name, help=help_text, description=DESCRIPTION.format(
+            what=DESCRIPTIONS[name], produces=produces, use=USES[name], command=name))
         p.add_argument("--config", type=Path, help="experiment YAML (not with --resume: the run's own config.yaml is used)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set trainer.epochs=3")
-        p.add_argument("--run-dir", type=Path, help="run directory (default: <trainer.output_dir>/<name>-<time>)")
+                       help="override a config field, e.g. --set trainer.epochs=3 (repeatable)")
+        p.add_argument("--run-dir", type=Path, help="run directory (default: <trainer.output_dir>/<name>-<time>, "
+                       f"e.g. runs/<name>-20250101-120000); the result is <run-dir>/{produces}")
         p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from latest.pt")
         p.set_defaults(func=train)
 

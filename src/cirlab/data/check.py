@@ -82,19 +82,62 @@ def image_status(split: CIRSplit, ids: Iterable[str], *, decode: bool = False,
     return bad
 
 
-def check_splits(splits: list[CIRSplit], *, decode: bool = False) -> dict[str, Any]:
+def neighbour_folders(root: str | Path) -> list[Path]:
+    """The folders one level from ``root``: its parent, then its subfolders (sorted): where a
+    dataset root given one level too deep or too shallow really is."""
+    root = Path(root)
+    parent = root.parent if root.parent != root else root.resolve().parent  # "." -> the real parent
+    folders = [parent] if parent.resolve() != root.resolve() else []
+    try:
+        folders += sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError:  # root does not exist or is not a folder
+        pass
+    return folders
+
+
+def suggest_root(splits: list[CIRSplit], root: str | Path, sample: int = 20) -> Path | None:
+    """The folder one level up or down from ``root`` (its parent or a subfolder) under which
+    the images of ``splits`` are, for a root under which none is; None when there is none.
+
+    Each split's image paths are taken relative to ``root`` and looked for under each candidate,
+    for ``sample`` gallery ids spread over each gallery; the candidate holding the most wins."""
+    root = Path(root)
+    rels: list[Path] = []
+    for split in splits:
+        ids = split.gallery[:: max(1, len(split.gallery) // sample)][:sample]
+        for image_id in ids:
+            for path in split.image_paths(image_id):
+                try:
+                    rels.append(path.relative_to(root))
+                except ValueError:  # an image outside root (an absolute path in the annotations)
+                    pass
+    if not rels:
+        return None
+    best, hits = None, 0
+    for candidate in neighbour_folders(root):
+        found = sum((candidate / rel).is_file() for rel in rels)
+        if found > hits:
+            best, hits = candidate, found
+    return best
+
+
+def check_splits(splits: list[CIRSplit], *, decode: bool = False, root: str | Path | None = None) -> dict[str, Any]:
     """Counts and missing images, summed over ``splits`` (e.g. FashionIQ's three categories).
 
     Returns ``{"queries", "gallery", "missing", "unreadable", "splits": [per-split detail]}``;
     ``missing`` lists (sorted, unique) every id that cannot be used, absent or unreadable,
     ``unreadable`` those of them whose file exists but cannot be read; ``gallery`` sums each
-    split's distinct gallery ids.
+    split's distinct gallery ids. Given the dataset ``root`` the splits were loaded from, the
+    report also holds ``"suggested_root"``: when every referenced image is missing, the folder
+    next to it that holds them (:func:`suggest_root`), else None.
     """
     seen: dict[Path, Status] = {}
     bad: dict[str, Status] = {}
     details = []
+    referenced: set[str] = set()
     for split in splits:
         ids = _referenced_ids(split)
+        referenced |= ids
         split_bad = image_status(split, ids, decode=decode, seen=seen)
         bad.update(split_bad)
         details.append(
@@ -107,13 +150,18 @@ def check_splits(splits: list[CIRSplit], *, decode: bool = False) -> dict[str, A
                 "unreadable": sum(s == "unreadable" for s in split_bad.values()),
             }
         )
-    return {
+    report = {
         "queries": sum(d["queries"] for d in details),
         "gallery": sum(d["gallery"] for d in details),
         "missing": sorted(bad),
         "unreadable": sorted(i for i, s in bad.items() if s == "unreadable"),
         "splits": details,
     }
+    if root is not None:
+        nothing = bool(referenced) and all(bad.get(i) == "missing" for i in referenced)  # not one file there
+        hint = suggest_root(splits, root) if nothing else None
+        report["suggested_root"] = None if hint is None else str(hint)
+    return report
 
 
 def _examples(ids: list[str], n: int) -> str:
@@ -137,7 +185,11 @@ def format_check(report: dict[str, Any], examples: int = 5) -> str:
     total = f"total: {report['queries']} queries, {report['gallery']} gallery images, {len(missing)} missing"
     if missing:
         total += f" (e.g. {_examples(missing, examples)})"
-    return "\n".join([*lines, total])
+    lines.append(total)
+    if report.get("suggested_root"):
+        lines.append(f"every referenced image is missing, but they are under {report['suggested_root']}: "
+                     f"try --root {report['suggested_root']}")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ Nothing is ever fetched from the hub (``local_files_only=True``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +89,22 @@ def check_backbone_dir(path: str | Path) -> str:
     return model_type
 
 
+@contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Without transformers' progress bars ("Loading weights", "Writing model shards"): a
+    backbone of a few MB loads in a second, and in a log each bar is a line of redraws."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def load_backbone(
     path: str | Path,
     kind: Kind | None = None,
@@ -105,8 +123,9 @@ def load_backbone(
     if kind is not None and kind != found_kind:
         raise ValueError(f"backbone folder {path} holds a {found_kind} model (model_type {model_type!r}), not {kind}")
     try:
-        model, info = model_cls.from_pretrained(str(path), local_files_only=True, dtype=dtype,
-                                                output_loading_info=True)
+        with quiet_hf():
+            model, info = model_cls.from_pretrained(str(path), local_files_only=True, dtype=dtype,
+                                                    output_loading_info=True)
     except SafetensorError as e:  # its message names no file
         weights = path / "model.safetensors"
         where = weights if weights.is_file() else f"a shard listed in {path / 'model.safetensors.index.json'}"
@@ -130,7 +149,7 @@ def save_backbone(backbone: Backbone, path: str | Path) -> Path:
     Everything is written into a temporary folder next to ``path`` and renamed into place only
     once complete, so an interrupted save never replaces (or half-overwrites) a good folder."""
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp, quiet_hf():
         backbone.model.save_pretrained(tmp)
         backbone.tokenizer.save_pretrained(tmp)
         check_backbone_dir(tmp)
