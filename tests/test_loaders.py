@@ -407,15 +407,17 @@ def test_query_dataset_refuses_targets_of_a_test_split(cirr_root):
 
 def test_check_reports_exactly_the_missing_images(cirr_root, fiq_root):
     (cirr_root / "dev" / "dev-3-0-img0.png").unlink()
-    (cirr_root / "dev" / "dev-5-0-img0.png").write_bytes(b"")  # empty: unreadable without decoding
-    (cirr_root / "dev" / "dev-0-0-img0.png").write_bytes(b"garbage")  # caught only by decode=True
+    (cirr_root / "dev" / "dev-5-0-img0.png").write_bytes(b"")  # empty: unreadable from its header
+    (cirr_root / "dev" / "dev-0-0-img0.png").write_bytes(b"garbage")  # not an image: its header tells too
+    png = (cirr_root / "dev" / "dev-1-0-img0.png").read_bytes()
+    (cirr_root / "dev" / "dev-1-0-img0.png").write_bytes(png[:-30])  # its last data cut: caught only by decoding
     splits = load_splits("cirr", cirr_root, "val") + load_splits("fashioniq", fiq_root, "val", ["dress"])
     report = check_splits(splits)
     assert report["queries"] == 6 and report["gallery"] == 10
-    assert report["missing"] == ["A4", "dev-3-0-img0", "dev-5-0-img0"]
-    assert [d["missing"] for d in report["splits"]] == [2, 1]
+    assert report["missing"] == ["A4", "dev-0-0-img0", "dev-3-0-img0", "dev-5-0-img0"]
+    assert [d["missing"] for d in report["splits"]] == [3, 1]
     decoded = check_splits(splits, decode=True)
-    assert decoded["missing"] == ["A4", "dev-0-0-img0", "dev-3-0-img0", "dev-5-0-img0"]
+    assert decoded["missing"] == ["A4", "dev-0-0-img0", "dev-1-0-img0", "dev-3-0-img0", "dev-5-0-img0"]
     text = format_check(report)
-    assert "cirr/val: 3 queries, 6 gallery images, 2 of 6 referenced images missing" in text
-    assert text.endswith("total: 6 queries, 10 gallery images, 3 missing (e.g. A4, dev-3-0-img0, dev-5-0-img0)")
+    assert "cirr/val: 3 queries, 6 gallery images, 3 of 6 referenced images missing" in text
+    assert text.endswith("total: 6 queries, 10 gallery images, 4 missing (e.g. A4, dev-0-0-img0, dev-3-0-img0, dev-5-0-img0)")
