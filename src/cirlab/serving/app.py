@@ -2,9 +2,16 @@
 
 Endpoints: ``POST /search`` (an uploaded image or a gallery id, a text, k, optional re-ranking),
 ``GET /images/{id}`` (gallery images only, from inside the gallery's folder), ``GET /gallery``
-(ids, for the page's picker), ``GET /healthz`` (probes the vector backend), ``GET /metrics``
-(Prometheus text), and with an API key ``POST /index/images`` and ``DELETE /index/images/{id}``;
-``/`` is the web page (static files, no build step).
+(ids and file names, for the page's picker), ``GET /model`` (the model's name and kind, for the
+page's header), ``GET /healthz`` (probes the vector backend), ``GET /metrics`` (Prometheus text),
+and with an API key ``POST /index/images`` and ``DELETE /index/images/{id}``; ``/`` is the web page
+(static files, no build step). ``/openapi.json`` describes the API; ``/docs`` (Swagger UI) is
+served with its scripts from this server when the package ``fastapi-offline`` is installed
+(:func:`docs_assets`), and answers 404 otherwise; ``/redoc`` is off (its page fetches a logo from
+its vendor's CDN): never a page that loads from another server.
+
+Files are named to the client relative to the gallery root (:func:`file_namer`), never by their
+absolute path on the server.
 
 Every bound is checked before work is spent on a request: the body size before it is read
 (413), the declared type and the decoded format against allow-lists (415), the pixel count from
@@ -162,6 +169,47 @@ def servable(path: Path, roots: list[Path]) -> tuple[Path, str] | None:
         return None
 
 
+def file_namer(searcher: Searcher, root: Path | None):
+    """``name(id)``: a gallery image's file as the page shows it: relative to the gallery root
+    (``shoes/red-1.jpg``), or to the index folder for images added through the API
+    (``added/x.png``), else its file name alone; never an absolute server path. String
+    operations only: no filesystem call per hit."""
+    bases = [str(b) + os.sep for b in (root, searcher.folder.resolve())
+             if b is not None and b.parent != b]  # "/" as a base would name the whole path
+    folder = str(searcher.folder.resolve())
+
+    def name(image_id: str) -> str:
+        path = os.path.normpath(os.path.join(folder, searcher.index.gallery[image_id]))
+        base = next((b for b in bases if path.startswith(b)), None)
+        return Path(path[len(base):]).as_posix() if base else os.path.basename(path)
+
+    return name
+
+
+def model_info(searcher: Searcher) -> dict[str, Any]:
+    """What the page's header says of the model: its name (the model folder's name, or the run's
+    for an exported ``<run>/model``, as the index recorded it; never the path), its kind, the
+    row name it has in result tables, its backbone and whether it re-ranks."""
+    recorded = Path(str(searcher.index.model.get("path") or ""))
+    folder = recorded.parent if recorded.name == "model" and recorded.parent.name else recorded
+    composer = searcher.composer
+    return {"name": folder.name or composer.name, "kind": composer.kind, "row": composer.name,
+            "backbone": getattr(composer.backbone, "kind", None), "rerank": searcher.can_rerank}
+
+
+def docs_assets() -> Path | None:
+    """The folder holding Swagger UI's script and style sheet (the package ``fastapi-offline``),
+    or None when it is not installed: then ``/docs`` is off (404), since FastAPI's own page loads
+    them from a CDN and stays blank offline."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = Path(fastapi_offline.__file__).parent / "static"
+    needed = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
+    return folder if all((folder / f).is_file() for f in needed) else None
+
+
 def check_new_id(image_id: str) -> None:
     """Refuse (422) an id that is not a clean relative name, or that the filesystem would refuse as
     ``added/<id>.png``: a control character (NUL included) or a part over 255 bytes."""
@@ -193,6 +241,7 @@ def sentence(error: dict[str, Any]) -> str:
 
 
 def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving ``searcher`` within ``cfg``'s bounds; ``api_key`` enables index changes."""
     cfg = cfg or ServeConfig()
     root = Path(cfg.gallery_root).resolve() if cfg.gallery_root else gallery_root(searcher)
     roots = [searcher.folder.resolve(), *([root] if root else [])]  # where served images may lie
@@ -231,8 +280,10 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
         yield
         await batcher.stop()
 
-    app = FastAPI(title="cirlab", description="Composed image retrieval over one index", lifespan=lifespan)
+    app = FastAPI(title="cirlab", description="Composed image retrieval over one index", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)  # FastAPI's own pages load from CDNs: see add_docs
     app.state.searcher, app.state.batcher, app.state.config = searcher, batcher, cfg
+    file_name = file_namer(searcher, root)
 
     @app.middleware("http")
     async def count(request: Request, call_next):
@@ -265,7 +316,7 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
         return HTTPException(503, f"the vector backend ({searcher.index.backend}) is unavailable: {e}; retry shortly")
 
     def hit_json(hits) -> list[dict[str, Any]]:
-        return [{"id": h.id, "score": h.score, "url": f"/images/{h.id}"} for h in hits]
+        return [{"id": h.id, "score": h.score, "url": f"/images/{h.id}", "file": file_name(h.id)} for h in hits]
 
     @app.post("/search")
     async def search(text: str = Form(...), k: int = Form(10), id: str | None = Form(None),
@@ -315,7 +366,13 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
     @app.get("/gallery")
     async def gallery(offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=1000)):
         ids = searcher.index.ids()
-        return {"total": len(ids), "offset": offset, "ids": ids[offset:offset + limit]}
+        page = ids[offset:offset + limit]
+        return {"total": len(ids), "offset": offset, "ids": page, "files": [file_name(i) for i in page]}
+
+    @app.get("/model")
+    async def model():
+        """The model's name, kind, row name, backbone and whether it re-ranks (no backend probe)."""
+        return model_info(searcher)
 
     @app.get("/healthz")
     async def healthz():
@@ -383,4 +440,30 @@ def create_app(searcher: Searcher, cfg: ServeConfig | None = None, *, api_key: s
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    add_docs(app)
     return app
+
+
+def add_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) with its files served from ``/docs-assets``, when
+    :func:`docs_assets` finds them; no request leaves this server (the online validator's badge
+    is off too). ``/redoc`` stays off: ReDoc's page fetches its vendor's logo from a CDN."""
+    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+
+    assets = docs_assets()
+    if assets is None:
+        return
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="cirlab API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png",
+                                   oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+                                   swagger_ui_parameters={"validatorUrl": None})
+
+    @app.get(app.swagger_ui_oauth2_redirect_url, include_in_schema=False)
+    async def swagger_redirect():
+        return get_swagger_ui_oauth2_redirect_html()

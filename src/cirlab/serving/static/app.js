@@ -5,7 +5,7 @@ const PAGE = 24;        // gallery thumbnails per page
 const RERANK_TOP = 50;  // with re-ranking on, the index's top max(k, RERANK_TOP) are re-ranked
 
 const $ = (id) => document.getElementById(id);
-const state = { ref: null, offset: 0, total: 0 };  // ref: {id} or {file}
+const state = { ref: null, offset: 0, total: 0, files: new Map() };  // ref: {id} or {file}; files: id -> file name
 
 // "/images/<id>", each path segment escaped (ids may hold slashes)
 const imageUrl = (id) => "/images/" + id.split("/").map(encodeURIComponent).join("/");
@@ -32,21 +32,28 @@ async function api(url, options) {
   return body;
 }
 
-// A clickable thumbnail: <button class="cls" data-id> with the image and optional caption lines.
+// A gallery image's file as the server names it (relative to the gallery root), or its id.
+const fileOf = (id) => state.files.get(id) || id;
+
+// Whether a file name says more than its id (a catalogue's "shoes/red-1.jpg" for id "shoes/red-1" does not).
+const sameAsId = (file, id) => file === id || file.replace(/\.[^./]+$/, "") === id;
+
+// A clickable thumbnail: <button class="cls" data-id> with the image and caption lines [class, text].
 function tile(cls, id, src, lines, onClick) {
   const el = document.createElement("button");
   el.type = "button";
   el.className = cls;
   el.dataset.id = id;
-  el.title = id;
+  el.title = sameAsId(fileOf(id), id) ? fileOf(id) : `${fileOf(id)} (id ${id})`;
   const img = document.createElement("img");
   img.src = src;
-  img.alt = id;
+  img.alt = fileOf(id);
   img.loading = "lazy";
   el.append(img);
-  for (const line of lines) {
+  for (const [lineClass, text] of lines) {
     const span = document.createElement("span");
-    span.textContent = line;
+    span.className = lineClass;
+    span.textContent = text;
     el.append(span);
   }
   el.addEventListener("click", onClick);
@@ -60,7 +67,7 @@ function setReference(ref) {
   state.ref = ref;
   img.src = ref.id !== undefined ? imageUrl(ref.id) : URL.createObjectURL(ref.file);
   img.hidden = false;
-  $("reference-label").textContent = ref.id !== undefined ? ref.id : `upload: ${ref.file.name}`;
+  $("reference-label").textContent = ref.id !== undefined ? fileOf(ref.id) : `upload: ${ref.file.name}`;
   for (const pick of document.querySelectorAll(".pick")) {
     pick.classList.toggle("selected", pick.dataset.id === ref.id);
   }
@@ -71,6 +78,7 @@ async function loadGallery(offset) {
     const page = await api(`/gallery?offset=${offset}&limit=${PAGE}`);
     state.offset = page.offset;
     state.total = page.total;
+    page.ids.forEach((id, n) => state.files.set(id, page.files[n]));
     $("gallery").replaceChildren(...page.ids.map((id) =>
       tile("pick", id, imageUrl(id), [], () => { setReference({ id }); $("text").focus(); })));
     if (state.ref && state.ref.id !== undefined) setReference(state.ref);  // re-mark the selection
@@ -83,9 +91,15 @@ async function loadGallery(offset) {
   }
 }
 
+// A result card: its rank and file name, its id where the file name does not say it, its score.
 function showResults(answer) {
+  for (const hit of answer.results) state.files.set(hit.id, hit.file);
   $("results").replaceChildren(...answer.results.map((hit, n) =>
-    tile("result", hit.id, hit.url, [`#${n + 1} ${hit.id}`, hit.score.toFixed(3)], () => {
+    tile("result", hit.id, hit.url, [
+      ["file", `#${n + 1} ${hit.file}`],
+      ...(sameAsId(hit.file, hit.id) ? [] : [["id", `id ${hit.id}`]]),
+      ["score", `score ${hit.score.toFixed(3)}`],
+    ], () => {
       // refine: the hit becomes the reference, the next text describes a further change
       setReference({ id: hit.id });
       $("text").select();
@@ -119,6 +133,21 @@ async function search(event) {
   }
 }
 
+// The header: the model's name, then its kind and backbone; the re-rank box if it has a second stage.
+function showModel(model) {
+  const name = document.createElement("strong");
+  name.id = "model-name";
+  name.textContent = model.name;
+  const kind = document.createElement("span");
+  kind.id = "model-kind";
+  kind.className = "muted";
+  kind.textContent = [model.kind, model.backbone].filter(Boolean).join(" · ");
+  $("model").replaceChildren(name, " ", kind);
+  $("model").title = `model ${model.name}: ${model.kind} composer (row "${model.row}" in result tables)` +
+    (model.backbone ? ` over a ${model.backbone} backbone` : "") + (model.rerank ? ", with a re-ranking stage" : "");
+  $("rerank-box").hidden = !model.rerank;
+}
+
 async function init() {
   $("query").addEventListener("submit", search);  // the button and Enter in the text field
   $("upload").addEventListener("change", () => {
@@ -129,9 +158,14 @@ async function init() {
   $("gallery-prev").addEventListener("click", () => loadGallery(Math.max(0, state.offset - PAGE)));
   $("gallery-next").addEventListener("click", () => loadGallery(state.offset + PAGE));
   try {
+    showModel(await api("/model"));
+  } catch (e) {
+    $("model").textContent = "model unknown";
+    showError(`model: ${e.message}`);
+  }
+  try {
     const health = await api("/healthz");
-    $("status").textContent = `${health.images} images · ${health.model} · ${health.backend}`;
-    $("rerank-box").hidden = !health.rerank;
+    $("status").textContent = `${health.images} images · ${health.backend}`;
   } catch (e) {
     $("status").textContent = "server unavailable";
     showError(`healthz: ${e.message}`);
