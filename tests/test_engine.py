@@ -369,6 +369,17 @@ def test_cosine_step_and_warmup_match_direct_formulas():
 # ------------------------------------------------------------------------ run directory and checkpoints
 
 
+def test_stop_at_ends_training_at_the_first_validation_that_reaches_it(tmp_path):
+    evals = {}
+    for target in (0.0, 2.0):  # reached by the first validation; never reached (accuracy <= 1)
+        run = RunDir.create(make_cfg(tmp_path, select_metric="acc", stop_at=target))
+        train(make_cfg(tmp_path, select_metric="acc", stop_at=target), run)
+        evals[target] = [r["epoch"] for r in run.read_metrics() if r["event"] == "eval"]
+    assert evals == {0.0: [1], 2.0: [1, 2, 3]}  # epochs: a budget
+    with pytest.raises(ValueError, match="stop_at"):
+        make_cfg(tmp_path, stop_at=0.5)  # compares select_metric, which is unset
+
+
 def test_run_directory_records_config_environment_metrics_and_best(tmp_path):
     cfg = make_cfg(tmp_path, select_metric="acc")
     run = RunDir.create(cfg)

@@ -109,12 +109,21 @@ class TrainerConfig(Strict):
     eval_at_start: bool = Field(False, description="also validate (and keep as best.pt) the model before the first "
                                 "step, so that select_metric can choose no training at all over a worse result")
     select_metric: str | None = None
+    stop_at: float | None = Field(None, description="stop after the first validation whose select_metric reaches "
+                                  "this value: epochs and max_steps are then a budget, not a length (a run that may "
+                                  "need longer on an unlucky seed, e.g. the quick demo's pretraining)")
     log_every_steps: int = Field(10, ge=1)
     num_workers: int = 0
     sampler: Literal["random", "paired_reference"] = Field(
         "random", description="random: one permutation per epoch; paired_reference: samples in pairs that share "
         "a reference image (CSS/TIRG style), so that every batch holds hard negatives")
     output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _stop_needs_select(self) -> "TrainerConfig":
+        if self.stop_at is not None and self.select_metric is None:
+            raise ValueError("trainer.stop_at is a value of trainer.select_metric: set that too")
+        return self
 
 
 class EvalConfig(Strict):

@@ -56,6 +56,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_flag(flag: bool) -> bool:
+    """The main rank's ``flag`` on every rank: a decision only it can take (it alone validates)."""
+    if not is_distributed():
+        return flag
+    box = [flag]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("CIRLAB_DEVICE", "").lower() != "cpu"
 

@@ -111,6 +111,7 @@ class Trainer:
 
         self.epoch = self.step = self.step_in_epoch = 0
         self.best_metric: float | None = None
+        self._target_reached = False  # trainer.stop_at, decided by the main rank's validation
         self.last_eval: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self._eval_step: int | None = None
@@ -142,7 +143,8 @@ class Trainer:
     # ---------------------------------------------------------------- training loop
 
     def fit(self) -> dict[str, float]:
-        """Train until ``trainer.epochs`` or ``trainer.max_steps``; returns the final metrics."""
+        """Train until ``trainer.epochs`` or ``trainer.max_steps`` (or a validation reaches
+        ``trainer.stop_at``); returns the final metrics."""
         t = self.cfg.trainer
         if self._resume_rng is None:
             seed_everything(self.cfg.seed + distributed.rank())
@@ -315,8 +317,14 @@ class Trainer:
         return self.epoch % t.eval_every_epochs == 0 and self.step_in_epoch == 0
 
     def _budget_spent(self) -> bool:
+        """``max_steps`` done, or ``stop_at`` reached by a validation."""
         max_steps = self.cfg.trainer.max_steps
-        return max_steps is not None and self.step >= max_steps
+        return (max_steps is not None and self.step >= max_steps) or self._target_reached
+
+    def _reached(self) -> bool:
+        """Whether the best validation so far reaches ``trainer.stop_at``."""
+        target = self.cfg.trainer.stop_at
+        return target is not None and self.best_metric is not None and self.best_metric >= target
 
     # ---------------------------------------------------------------- evaluation
 
@@ -342,7 +350,10 @@ class Trainer:
             headline = format_metrics({k: metrics[k] for k in main_metric_names(metrics, select)})
             line = f"eval epoch {round(self._epochs_done(), 2):g} step {self.step}: {headline}"
             tqdm.write(line + ("  (best so far)" if improved else ""))  # keeps progress bars intact
+            if self._reached() and not self._target_reached:
+                tqdm.write(f"{select} reached trainer.stop_at {self.cfg.trainer.stop_at:g}: training stops here")
         distributed.barrier()
+        self._target_reached = distributed.broadcast_flag(self._reached())
         self.last_eval, self._eval_step = metrics, self.step
 
     # ---------------------------------------------------------------- checkpoints
@@ -381,6 +392,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
             self.best_metric = state["best_metric"]
+            self._target_reached = self._reached()
             rng = state["rng"]
         except (KeyError, ValueError, RuntimeError) as e:
             raise ValueError(f"checkpoint {path} does not match this model and optimiser: {e}") from None
