@@ -149,7 +149,7 @@ def test_every_shipped_config_trains_a_step_and_evaluates(config, roots, tiny_pr
         sets += [f"model.small={TINY_SMALL}", "model.init_text=random", "method.eval_images=12"]
     else:
         sets.append(f"model.backbone={backbone}")
-    if method.name in ("bidirectional", "rerank", "pretrain", "projection", "spn"):
+    if method.name in ("bidirectional", "rerank", "pretrain", "projection", "rtd", "spn"):
         sets += ["trainer.max_steps=1", "trainer.epochs=1", "trainer.batch_size=4", "trainer.num_workers=0",
                  "trainer.eval_every_epochs=1", "trainer.checkpoint_every_steps=null"]
     if getattr(method, "stage", None) == "combiner":
