@@ -99,3 +99,51 @@ def test_compare_cli_on_two_tiny_evaluations(tiny_shapes, tiny_random_blip, tmp_
 
     assert main(["compare", str(full), str(part)]) == 2  # four rows each: which one is asked
     assert "name one (--row-a / --row-b)" in capsys.readouterr().err
+
+
+def _tiny_eval(tiny_shapes, tiny_random_blip, out, *extra) -> None:
+    config = str(CONFIG_ROOT / "zeroshot" / "shapes_zeroshot_blip.yaml")
+    assert main(["eval", "--config", config, "--run-dir", str(out), "--set", f"data.root={tiny_shapes}",
+                 "--set", f"model.backbone={tiny_random_blip}", *extra]) == 0
+
+
+def _one_row_copy(source, row, out, as_row=None) -> None:
+    """A `cirlab eval` folder holding one row of ``source`` (renamed ``as_row``): a stand-in for a trained model's."""
+    out.mkdir(parents=True)
+    (out / "eval.json").write_text((source / "eval.json").read_text())
+    metrics = json.loads((source / "metrics.json").read_text())
+    (out / "metrics.json").write_text(json.dumps({as_row or row: metrics[row]}))
+    for prefix in ("recall_submission", "recall_subset_submission"):
+        [path] = source.glob(f"{prefix}_*-{row}.json")
+        (out / f"{prefix}_{out.name}-{(as_row or row).replace('@', 'at')}.json").write_text(path.read_text())
+
+
+def test_eval_examples_and_the_demo_table(tiny_shapes, tiny_random_blip, tmp_path, capsys):
+    from PIL import Image
+
+    from cirlab.cli.demo import LINES, results_table
+    from cirlab.evaluation.examples import write_examples
+
+    evals = tmp_path / "eval"
+    _tiny_eval(tiny_shapes, tiny_random_blip, evals / "zeroshot", "--examples", "3")
+    with Image.open(evals / "zeroshot" / "examples.png") as im:  # 3 queries x 4 rows (image, text, sum, grounded)
+        assert im.height > 3 * 4 * 72 and im.width > 5 * 72
+    rows = {"pic2word": "text", "rtd": "sum", "bi-text": "grounded", "bi-combiner": "sum", "spn-bank": "image"}
+    for run, row in rows.items():
+        _one_row_copy(evals / "zeroshot", row, evals / run)
+    _one_row_copy(evals / "zeroshot", "image", evals / "rerank-reranker", "rerank@10")
+
+    table, data, warnings = results_table(evals)
+    lines = table.splitlines()
+    assert lines[0].split("|")[1].strip() == "line" and len(lines) == 2 + len(LINES)  # header, rule
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [line.label for line in LINES]
+    assert data["chance (a random ranking)"]["Rs@1"] == pytest.approx(20)
+    image = data["image only (zero-shot)"]
+    reranked = data["SPN + re-ranker (top 10)"]  # the image row, as SPN's: no difference, p = 1
+    assert reranked["R@1"] == pytest.approx(image["R@1"]) and reranked["R@1 diff"]["diff"] == 0
+    assert reranked["R@1 diff"]["p"] == 1.0 and reranked["vs"] == "SPN"
+    # a random tiny BLIP's text rows are near chance on 8 test scenes: each trained line at chance is named
+    assert all("at chance" in w for w in warnings)
+    assert not any("image only" in w for w in warnings)  # an untrained line is not warned about
+    picture = write_examples([(line.label, evals / line.run, line.row) for line in LINES], tmp_path / "examples.png")
+    assert picture.is_file()

@@ -52,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-dtype", choices=["float16", "float32"], help="storage of cached image token sequences "
                    "(default: the data config's token_dtype: float32 for CIRR, FashionIQ and CIRCO as the official code, float16 for shapes)")
     p.add_argument("--max-queries", type=int, help="evaluate the first N queries only (CPU budget)")
+    p.add_argument("--examples", type=int, metavar="N", help="also draw N queries (evenly spread over the split) "
+                   "with each row's top 5, hits outlined, into examples.png in the output folder")
     p.add_argument("--decode", action="store_true", help="decode every image first and leave out the unreadable "
                    "ones (as missing ones always are)")
     p.add_argument("--run-dir", type=Path, help="output folder (default: runs/eval/<name>-<split>-<time>)")
@@ -92,6 +94,7 @@ def _evaluate_model(args: argparse.Namespace) -> int:
     metrics = _run([composer], splits, out, name, options,
                    {"model": str(args.model.resolve()), "dataset": dataset, "root": str(root), "split": split_name})
     _print_reported(args.model, dataset, metrics)
+    _draw_examples(out, dataset, args.examples)
     return 0
 
 
@@ -136,7 +139,22 @@ def _evaluate_config(args: argparse.Namespace) -> int:
     options = dict(batch_size=args.batch_size or cfg.evaluation.batch_size, max_queries=args.max_queries,
                    token_dtype=args.token_dtype or cfg.data.token_dtype)
     _run(composers, splits, out, cfg.name, options, meta)
+    _draw_examples(out, cfg.data.dataset, args.examples)
     return 0
+
+
+def _draw_examples(out: Path, dataset: str, n: int | None) -> None:
+    """--examples N: the same N queries across every row with predictions, drawn (needs targets)."""
+    if not n:
+        return
+    if not (out / "metrics.json").is_file():
+        print("examples: the split has no targets to outline; nothing drawn")
+        return
+    from cirlab.evaluation.compare import predicted_rows
+    from cirlab.evaluation.examples import write_examples
+
+    rows = predicted_rows(out, dataset)
+    print(f"examples: {write_examples([(row, out, row) for row in rows], out / 'examples.png', n=n)}")
 
 
 def _splits(dataset: str, root: Path | str, split: str, categories: list[str] | None, decode: bool = False):

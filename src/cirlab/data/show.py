@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -12,6 +13,7 @@ PAD = 8
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 FRAME = (190, 190, 190)
+HIT = (0, 160, 60)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -96,3 +98,65 @@ def draw_results(reference: Path, text: str, results: list[tuple[Path, str]], ou
         draw.text((x, y + thumb + PAD / 2), f"{n + 1}. {caption}"[:40], fill=INK, font=font)
     with atomic_path(out_png) as tmp:
         sheet.save(tmp, format="PNG")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One query of :func:`draw_examples`: its reference, text and target, and each method's
+    ranked results as (image, whether it counts as a hit), best first."""
+
+    reference: Path
+    text: str
+    target: Path
+    results: dict[str, list[tuple[Path, bool]]]
+
+
+def draw_examples(examples: list[Example], out_png: Path, *, thumb: int = 72) -> None:
+    """Write a PNG with one block per query: the reference, text and target on the left, then one
+    line per method with its top results, hits outlined in green, so that what each method
+    changes on the same query reads across the lines."""
+    if not examples:
+        raise ValueError("draw_examples: no queries to draw")
+    font = _font(max(10, thumb // 6))
+    line = int(font.size * 1.3) if hasattr(font, "size") else 14
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    methods = list(dict.fromkeys(m for e in examples for m in e.results))
+    label_w = int(max(probe.textlength(m, font=font) for m in methods)) + 2 * PAD
+    left = 2 * thumb + 3 * PAD
+    k = max(len(r) for e in examples for r in e.results.values())
+    width = left + label_w + k * (thumb + PAD) + PAD
+    blocks = [_example_height(e, methods, probe, font, line, thumb) for e in examples]
+    sheet = Image.new("RGB", (width, sum(blocks) + PAD), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    y = PAD
+    for example, height in zip(examples, blocks):
+        _draw_example(sheet, draw, example, methods, (y, left, label_w), font, line, thumb)
+        y += height
+        draw.line((PAD, y - PAD // 2, width - PAD, y - PAD // 2), fill=FRAME)
+    with atomic_path(out_png) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def _example_height(example: Example, methods: list[str], probe, font, line: int, thumb: int) -> int:
+    """A block is as tall as its method lines or its reference, target and wrapped text."""
+    text_h = len(_wrap(example.text, probe, font, 2 * thumb + PAD)) * line
+    return max(len(methods) * (thumb + PAD), line + thumb + PAD + text_h) + 2 * PAD
+
+
+def _draw_example(sheet, draw, example: Example, methods: list[str], at: tuple[int, int, int],
+                  font, line: int, thumb: int) -> None:
+    y, left, label_w = at
+    for x, title, path in ((PAD, "reference", example.reference), (2 * PAD + thumb, "target", example.target)):
+        draw.text((x, y), title, fill=INK, font=font)
+        sheet.paste(_thumbnail(path, thumb), (x, y + line))
+        draw.rectangle((x - 1, y + line - 1, x + thumb, y + line + thumb), outline=HIT if title == "target" else INK)
+    for n, text in enumerate(_wrap(example.text, draw, font, 2 * thumb + PAD)):
+        draw.text((PAD, y + line + thumb + PAD + n * line), text, fill=INK, font=font)
+    for i, method in enumerate(methods):
+        top = y + i * (thumb + PAD)
+        draw.text((left, top + thumb / 2), method, fill=INK, font=font, anchor="lm")
+        for j, (path, hit) in enumerate(example.results.get(method, [])):
+            x = left + label_w + j * (thumb + PAD)
+            sheet.paste(_thumbnail(path, thumb), (x, top))
+            colour, w = (HIT, 3) if hit else (FRAME, 1)
+            draw.rectangle((x - w, top - w, x + thumb + w - 1, top + thumb + w - 1), outline=colour, width=w)

@@ -87,6 +87,27 @@ def mcnemar_exact(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail / 2 ** n)
 
 
+def above_chance_p(hits: int, n: int, chance: float) -> float:
+    """One-sided p of ``hits`` or more among ``n`` queries when each is a hit with probability
+    ``chance`` (percent): is a row above a random ranking? Queries whose chance differs (several
+    positives) make the true count less spread than this binomial, so the p is conservative."""
+    if chance >= 100:
+        return 1.0
+    q = chance / 100
+    if q <= 0:
+        return 0.0 if hits else 1.0
+    log = [math.lgamma(n + 1) - math.lgamma(x + 1) - math.lgamma(n - x + 1) + x * math.log(q) + (n - x) * math.log1p(-q)
+           for x in range(hits, n + 1)]
+    return min(1.0, sum(math.exp(v) for v in log))
+
+
+def mean_above_p(values: Tensor, level: float, *, resamples: int = RESAMPLES, seed: int = 0) -> float:
+    """One-sided bootstrap p that the mean of per-query ``values`` (fractions) is not above
+    ``level`` (percent): for a metric that is not a hit (Avg), where no binomial applies."""
+    boot = bootstrap_means((values.double() - level / 100)[:, None], resamples, torch.Generator().manual_seed(seed))
+    return (boot <= 0).double().mean().item()
+
+
 def is_hit_metric(name: str) -> bool:
     """R@K and Rs@K are per-query hits (0 or 1); Avg and mAP@K are not."""
     return name.rpartition("/")[2].partition("@")[0] in ("R", "Rs")
@@ -223,17 +244,33 @@ def row_files(folder: Path, dataset: str, row: str | None) -> tuple[str, Path, P
     return row, folder / ranked, None if subset is None else folder / subset
 
 
-def load_row(folder: str | Path, row: str | None = None) -> RowScores:
-    """Each query's metric values of one row of a ``cirlab eval`` folder, from its prediction
-    files and the split's annotations (the split is loaded again, as eval.json names it)."""
+@dataclass(frozen=True)
+class EvaluatedRow:
+    """Where one row of a ``cirlab eval`` folder lies: its prediction files and the splits (the
+    queries it ranked) they answer."""
+
+    label: str
+    splits: list[CIRSplit]
+    ranked: Path
+    subset: Path | None
+
+
+def evaluated_row(folder: str | Path, row: str | None = None) -> EvaluatedRow:
+    """One row of an evaluation folder (``row``: by name, or the folder's only one with predictions)."""
     folder = Path(folder)
     meta = read_json(folder / "eval.json", "evaluation record (cirlab eval's eval.json)")
     row, ranked, subset = row_files(folder, _eval_field(meta, "dataset"), row)
-    splits = evaluated_splits(meta, ranked)
-    labels = (str(ranked), str(subset))
+    return EvaluatedRow(f"{folder} ({row})", evaluated_splits(meta, ranked), ranked, subset)
+
+
+def load_row(folder: str | Path, row: str | None = None) -> RowScores:
+    """Each query's metric values of one row of a ``cirlab eval`` folder, from its prediction
+    files and the split's annotations (the split is loaded again, as eval.json names it)."""
+    where = evaluated_row(folder, row)
+    labels = (str(where.ranked), str(where.subset))
     values = [query_values(split, r, s, labels=labels)
-              for split, (r, s) in zip(splits, read_rankings(splits, ranked, subset))]
-    return RowScores(f"{folder} ({row})", splits, values)
+              for split, (r, s) in zip(where.splits, read_rankings(where.splits, where.ranked, where.subset))]
+    return RowScores(where.label, where.splits, values)
 
 
 def compare_runs(a: str | Path, b: str | Path, row_a: str | None = None, row_b: str | None = None,

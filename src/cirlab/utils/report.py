@@ -58,3 +58,15 @@ def main_metric_names(names: Iterable[str], first: str | None = None) -> list[st
     names = list(names)
     main = [n for n in names if n != first and ("/" not in n or n.startswith("avg/"))]
     return ([first] if first in names else []) + main
+
+
+def format_markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table whose columns also line up in a terminal (the first left-aligned, the
+    others right-aligned): what the demo prints is what the README shows."""
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if j else ":" + "-" * (w + 1) for j, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
