@@ -18,12 +18,6 @@ from cirlab.cli import build_parser, main
 from cirlab.cli import evaluate as eval_cli
 from cirlab.cli import importing
 
-# (command, option) without help, or whose help does not state its default, in demo.py at the time
-# this test was written (line 36 --seed, line 38 --train-scenes); demo.py is being reworked (issue 36,
-# item 3) and gets them then. Exempt, and not required to stay missing, so that this test passes on
-# both sides of that change; delete these two sets once demo.py's options state their defaults.
-PENDING_HELP = {("cirlab demo", "--seed")}
-PENDING_DEFAULT = {("cirlab demo", "--seed"), ("cirlab demo", "--train-scenes")}
 REST = re.compile(r"``|:[a-z]+:`")  # ``literal``, :class:`x`, :func:`~a.b`
 
 
@@ -65,7 +59,7 @@ def test_the_walk_reaches_every_level():
 
 def test_every_option_of_every_command_has_help():
     missing = {(prog, name(a)) for prog, _, a in options() if not (a.help or "").strip() or a.help == argparse.SUPPRESS}
-    assert missing - PENDING_HELP == set(), "options without help"
+    assert missing == set(), "options without help"
 
 
 def test_every_option_with_a_default_states_it():
@@ -77,7 +71,7 @@ def test_every_option_with_a_default_states_it():
             continue
         if not a.help or str(a.default) not in expanded_help(parser, a):
             unstated.add((prog, name(a)))
-    assert unstated - PENDING_DEFAULT == set(), "options whose help does not state their default"
+    assert unstated == set(), "options whose help does not state their default"
 
 
 def test_no_rest_markup_in_any_help_text():
