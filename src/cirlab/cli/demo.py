@@ -61,12 +61,12 @@ RTD_NOISE = "method.noise=0.1"
 
 # --quick: a small shapes set, a smaller BLIP, short budgets (per step: extra `--set`s). Pretraining
 # stops at the first epoch whose val t2i R@1 reaches PRETRAIN_TARGET, within 6 epochs (about 25 s
-# each in fp32): two fixed epochs left seeds 1 to 3 at 28.5, 27.9 and 16.6 (a random text encoder
-# takes off late on some seeds: seed 3 was at 8.3 after two epochs, 40.9 after four), and the later
-# stages near chance. Phi trains 3 epochs of 18 steps with a 10-step warmup (one epoch under the
-# config's 50-step warmup left its R@1 at chance on seed 0). RTD keeps Phi (step 0) unless one of its
-# 20 steps beats it on val R@1, as RTD selects: 10 steps at lr 1e-4 took R@1 to chance on 4 of 5
-# seeds. The Combiner is 128 wide (its B x B reversed pairs cost most of stage II). The re-ranker
+# each in fp32): two fixed epochs left seeds 1 to 3 at 28.5, 27.9 and 16.6 and the later stages near
+# chance (a random text encoder takes off late on some seeds: seed 3 under the 6-epoch schedule reads
+# 6.7, 8.3, 24.9, 40.9); seeds 0 to 4 now stop after 2 to 4 epochs at 30.6 to 40.9 (docs/results.md).
+# Phi trains 3 epochs of 18 steps with a 10-step warmup (one epoch under the config's 50-step warmup
+# left its R@1 at chance on seed 0). RTD keeps Phi (step 0) unless one of its 20 steps beats it on
+# val R@1, as RTD selects: 10 forced steps at lr 1e-4 took R@1 to chance on 4 of 5 seeds. The Combiner is 128 wide (its B x B reversed pairs cost most of stage II). The re-ranker
 # steps on batches of 4 and re-ranks the top 10, as the full demo's.
 PRETRAIN_TARGET = 30.0
 QUICK = {
