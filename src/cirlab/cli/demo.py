@@ -66,8 +66,9 @@ RTD_NOISE = "method.noise=0.1"
 # 6.7, 8.3, 24.9, 40.9); seeds 0 to 4 now stop after 2 to 4 epochs at 30.6 to 40.9 (docs/results.md).
 # Phi trains 3 epochs of 18 steps with a 10-step warmup (one epoch under the config's 50-step warmup
 # left its R@1 at chance on seed 0). RTD keeps Phi (step 0) unless one of its 20 steps beats it on
-# val R@1, as RTD selects: 10 forced steps at lr 1e-4 took R@1 to chance on 4 of 5 seeds. The Combiner is 128 wide (its B x B reversed pairs cost most of stage II). The re-ranker
-# steps on batches of 4 and re-ranks the top 10, as the full demo's.
+# val R@1, as RTD selects: 10 forced steps at lr 1e-4 took R@1 to chance on 4 of 5 seeds. The
+# Combiner is 128 wide (its B x B reversed pairs cost most of stage II). The re-ranker steps on
+# batches of 4 and re-ranks the top 10, as the full demo's.
 PRETRAIN_TARGET = 30.0
 QUICK = {
     "synth": ["--train-scenes", "400", "--val-scenes", "40", "--test-scenes", "60"],
